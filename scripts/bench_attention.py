@@ -1,0 +1,136 @@
+"""Forward + backward time of every step of the attention ladder, next to torch's own modules.
+
+    python scripts/bench_attention.py            # a small size that runs in seconds on a CPU
+    python scripts/bench_attention.py --gpt2     # B=8, T=1024, d=768, 12 heads
+
+Prints one row per implementation with its median time in fp32 and under bf16 autocast, and
+its time relative to raw SDPA with the same projections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llm.attention import (
+    CausalAttention,
+    MultiHeadAttention,
+    MultiHeadAttentionWrapper,
+    SelfAttention,
+    simple_self_attention,
+)
+
+
+def raw_sdpa(fused: MultiHeadAttention) -> Callable[[Tensor], Tensor]:
+    """The least code that computes causal multi-head attention: the fused module's own
+    projections around one SDPA call, with no options or checks."""
+
+    def attend(x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = fused.qkv(x).split(C, dim=-1)
+        q, k, v = (t.view(B, T, fused.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return fused.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    return attend
+
+
+def torch_multihead(d: int, heads: int, tokens: int, device: str) -> Callable[[Tensor], Tensor]:
+    attn = nn.MultiheadAttention(d, heads, batch_first=True, device=device)
+    future = torch.ones(tokens, tokens, dtype=torch.bool, device=device).triu(1)
+    return lambda x: attn(x, x, x, attn_mask=future, is_causal=True, need_weights=False)[0]
+
+
+def implementations(
+    d: int, heads: int, tokens: int, device: str
+) -> dict[str, Callable[[Tensor], Tensor]]:
+    fused = MultiHeadAttention(d, d, tokens, dropout=0.0, num_heads=heads).to(device)
+    return {
+        "1 simple_self_attention": simple_self_attention,
+        "2 SelfAttention (1 head)": SelfAttention(d, d).to(device),
+        "3 CausalAttention (1 head)": CausalAttention(d, d, tokens, dropout=0.0).to(device),
+        "4 MultiHeadAttentionWrapper": MultiHeadAttentionWrapper(
+            d, d, tokens, dropout=0.0, num_heads=heads
+        ).to(device),
+        "5 MultiHeadAttention (fused)": fused,
+        "torch.nn.MultiheadAttention": torch_multihead(d, heads, tokens, device),
+        "raw SDPA, same projections": raw_sdpa(fused),
+    }
+
+
+def time_forward_backward(
+    attend: Callable[[Tensor], Tensor], x: Tensor, bf16: bool, repeats: int
+) -> float:
+    """Median seconds of one forward and backward pass."""
+    autocast = (
+        torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    )
+
+    def step() -> None:
+        with autocast:
+            out = attend(x)
+        out.float().sum().backward()
+
+    times = []
+    for i in range(repeats + 2):  # two warm-up passes, not timed
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--gpt2", action="store_true", help="B=8, T=1024, d=768, 12 heads")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if args.gpt2:
+        args.batch, args.tokens, args.dim, args.heads = 8, 1024, 768, 12
+
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.tokens, args.dim, device=args.device, requires_grad=True)
+    rows = {}
+    for name, attend in implementations(args.dim, args.heads, args.tokens, args.device).items():
+        rows[name] = [time_forward_backward(attend, x, bf16, args.repeats) for bf16 in (0, 1)]
+
+    threads = torch.get_num_threads()
+    device_name = torch.cuda.get_device_name() if x.is_cuda else f"CPU, {threads} threads"
+    print(
+        f"forward+backward, B={args.batch} T={args.tokens} d={args.dim} heads={args.heads}, "
+        f"{device_name}, torch {torch.__version__}, median of {args.repeats}"
+    )
+    raw = rows["raw SDPA, same projections"]
+    print(f"| {'implementation':<30} | fp32 ms | bf16 ms | fp32 vs raw SDPA | bf16 vs raw SDPA |")
+    print(f"|{'-' * 32}|--------:|--------:|-----------------:|-----------------:|")
+    for name, (fp32, bf16) in rows.items():
+        print(
+            f"| {name:<30} | {fp32 * 1e3:7.1f} | {bf16 * 1e3:7.1f} "
+            f"| {fp32 / raw[0]:15.2f}x | {bf16 / raw[1]:15.2f}x |"
+        )
+    fused, wrapper = rows["5 MultiHeadAttention (fused)"], rows["4 MultiHeadAttentionWrapper"]
+    for i, precision in enumerate(("fp32", "bf16")):
+        print(
+            f"{precision}: fused is {wrapper[i] / fused[i]:.2f}x faster than the wrapper "
+            f"(target >= 2x) and {100 * (fused[i] / raw[i] - 1):+.1f}% vs raw SDPA (target <= +5%)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The GPT: configuration, parameter count, loss, caching, and that it can learn."""
+
+import math
+
+import pytest
+import torch
+
+from llm.model import GPT, PRESETS, GPTConfig
+
+TINY = GPTConfig(vocab_size=100, context_length=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def test_gpt2_small_has_gpt2_parameter_count():
+    model = GPT(GPTConfig.from_preset("gpt2"))
+    assert model.num_params() == 124_439_808
+    assert model.num_params(include_position_embeddings=False) == 124_439_808 - 1024 * 768
+    assert model.token_embedding.weight.shape == (50304, 768)  # padded to a multiple of 64
+
+
+def test_presets_build_and_differ():
+    sizes = {name: (c.n_layer, c.n_head, c.n_embd) for name, c in PRESETS.items()}
+    assert sizes["gpt2-xl"] == (48, 25, 1600)
+    assert len(set(sizes.values())) == len(sizes)
+    with pytest.raises(ValueError, match="Unknown model preset"):
+        GPTConfig.from_preset("gpt5")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"n_embd": 30, "n_head": 4}, "divisible by n_head"),
+        ({"n_layer": 0}, "n_layer must be a positive integer"),
+        ({"vocab_size": -5}, "vocab_size must be a positive integer"),
+        ({"context_length": 2.5}, "context_length must be a positive integer"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+    ],
+)
+def test_bad_configs_raise(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{**TINY.to_dict(), **overrides})
+
+
+def test_initial_loss_is_uniform_guess():
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("gpt-micro")
+    model = GPT(config)
+    idx = torch.randint(0, config.vocab_size, (4, 64))
+    targets = torch.randint(0, config.vocab_size, (4, 64))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (4, 64, config.vocab_size)  # padding logits are cut off
+    assert abs(loss.item() - math.log(config.vocab_size)) < 0.3
+
+
+def test_loss_ignores_minus_100_and_padding_rows():
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    idx = torch.randint(0, 100, (2, 8))
+    targets = torch.randint(0, 100, (2, 8))
+    logits, _ = model(idx)
+    masked = targets.clone()
+    masked[:, 4:] = -100
+    _, partial = model(idx, masked)
+    log_probs = torch.log_softmax(logits[:, :4], dim=-1)  # over the 100 real tokens only
+    expected = -log_probs.gather(-1, targets[:, :4, None]).mean()
+    assert torch.allclose(partial, expected, atol=1e-6)
+    assert model.lm_head.weight.shape[0] == 128  # 100 padded to 128, yet never in the softmax
+
+
+def test_tied_weights_share_storage():
+    model = GPT(TINY)
+    assert model.lm_head.weight.data_ptr() == model.token_embedding.weight.data_ptr()
+    untied = GPT(GPTConfig(**{**TINY.to_dict(), "tie_embeddings": False}))
+    assert untied.lm_head.weight.data_ptr() != untied.token_embedding.weight.data_ptr()
+    assert untied.num_params() == model.num_params() + 100 * 32
+
+
+def test_residual_projections_use_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, context_length=16, n_layer=8, n_head=4, n_embd=256))
+    expected = 0.02 / math.sqrt(2 * 8)
+    assert abs(model.blocks[0].mlp.proj.weight.std().item() - expected) < 0.1 * expected
+    assert abs(model.blocks[0].mlp.fc.weight.std().item() - 0.02) < 0.002
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    idx = torch.randint(0, 100, (4, 16))
+    targets = torch.randint(0, 100, (4, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        _, loss = model(idx, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1
+
+
+def test_kv_cache_generation_equals_full_forward():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    idx = torch.randint(0, 100, (2, 16))
+    full, _ = model(idx)
+    caches = model.new_kv_caches()
+    prompt, _ = model(idx[:, :5], kv_caches=caches)  # prefill, then one token at a time
+    steps = [model(idx[:, t : t + 1], kv_caches=caches)[0] for t in range(5, 16)]
+    assert torch.allclose(torch.cat([prompt, *steps], dim=1), full, atol=1e-5)
+
+
+def test_attention_weights_of_every_layer_and_head():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    weights = model.attention_weights(torch.randint(0, 100, (3, 7)))
+    assert weights.shape == (2, 3, 2, 7, 7)  # (n_layer, B, n_head, T, T)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 3, 2, 7), atol=1e-6)
+    assert torch.all(weights.triu(diagonal=1) == 0)
+
+
+def test_too_long_input_raises():
+    model = GPT(TINY)
+    with pytest.raises(ValueError, match="longer than the model's context_length"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    caches = model.new_kv_caches()
+    model(torch.zeros(1, 10, dtype=torch.long), kv_caches=caches)
+    with pytest.raises(ValueError, match="longer than the model's context_length"):
+        model(torch.zeros(1, 7, dtype=torch.long), kv_caches=caches)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 100, 5000])
+def test_token_ids_outside_vocabulary_raise(bad_id):
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    idx[0, 2] = bad_id
+    with pytest.raises(ValueError, match=r"Token ids must lie in \[0, 100\)"):
+        GPT(TINY)(idx)
+
+
+def test_flops_per_token_follows_palm_formula():
+    model = GPT(GPTConfig.from_preset("gpt2"))
+    expected = 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 12 * 64 * 1024
+    assert model.flops_per_token() == expected
