@@ -1,0 +1,162 @@
+"""Lightning callbacks and plugins for training: inspection, graceful stops, safe checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from llm.generate import generate_text
+from llm.inspect import attention_figure
+
+
+class TokenThroughputMonitor(ThroughputMonitor):
+    """Lightning's ThroughputMonitor for ``(inputs, targets)`` token batches: it logs samples/s,
+    tokens/s (``items_per_sec``) and, where the device's peak is known, MFU from the module's
+    ``flops_per_batch``. Rates are averaged over the last ``window_size`` steps, and first
+    logged once that many have run."""
+
+    def __init__(self, window_size: int = 20, **kwargs: Any) -> None:
+        super().__init__(
+            batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size, **kwargs
+        )
+
+
+def _batch_size(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return batch[0].size(0)
+
+
+def _batch_tokens(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return batch[0].numel()
+
+
+class InspectionLogger(L.Callback):
+    """At every validation, logs to TensorBoard what the model does with a fixed probe text:
+    its attention maps (one image per layer, a grid of heads with the probe's tokens on both
+    axes) and a text sample continued from the probe's start."""
+
+    def __init__(
+        self,
+        probe_text: str = "First Citizen:\nBefore we proceed any further, hear me speak.",
+        max_probe_tokens: int = 24,
+        sample_prompt: str = "\n",
+        sample_tokens: int = 64,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+    ) -> None:
+        self.probe_text = probe_text
+        self.max_probe_tokens = max_probe_tokens
+        self.sample_prompt = sample_prompt
+        self.sample_tokens = sample_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        tensorboard = next(
+            (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None
+        )
+        if tensorboard is None:
+            return
+        model, tokenizer, step = pl_module.model, trainer.datamodule.tokenizer, trainer.global_step
+        probe = tokenizer.encode(self.probe_text)[
+            : min(self.max_probe_tokens, model.config.context_length)
+        ]
+        labels = [tokenizer.decode([token]) for token in probe]
+        idx = torch.tensor([probe], device=pl_module.device)
+        with torch.no_grad():
+            maps = model.attention_weights(idx)  # (n_layer, 1, n_head, T, T)
+        for layer, weights in enumerate(maps[:, 0].float().cpu()):
+            figure = attention_figure(weights, labels, title=f"layer {layer}, step {step}")
+            tensorboard.experiment.add_figure(f"attention/layer_{layer}", figure, step, close=True)
+
+        generator = torch.Generator(device=pl_module.device).manual_seed(step)
+        sample = generate_text(
+            model,
+            tokenizer,
+            self.sample_prompt,
+            max_new_tokens=self.sample_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            generator=generator,
+        )
+        # TensorBoard renders text as Markdown: a code block keeps line breaks and spacing.
+        tensorboard.experiment.add_text("sample", f"```\n{sample}\n```", step)
+
+
+class GracefulStop(L.Callback):
+    """On SIGINT (Ctrl-C) or SIGTERM, finish the current optimizer step, save ``last.ckpt`` and
+    stop training. A second signal acts at once, as it would without this callback.
+
+    Stopping between steps keeps the checkpoint consistent; ``signal_name`` tells the caller
+    why training ended and ``checkpoint_path`` where it was saved.
+    """
+
+    def __init__(self, distributed_check_every: int = 10) -> None:
+        # Under DDP every rank must agree to stop, which costs a collective; do it every few
+        # steps rather than on every one.
+        self.distributed_check_every = distributed_check_every
+        self.signal_name: str | None = None
+        self.checkpoint_path: Path | None = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    def _request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signum, self._previous_handlers.pop(signum))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid-accumulation: gradients are not in any checkpoint
+        stop = self.signal_name is not None
+        if trainer.world_size > 1:
+            if trainer.global_step % self.distributed_check_every:
+                return
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        self.checkpoint_path = Path(dirpath or trainer.default_root_dir) / "last.ckpt"
+        trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # resumable: all state
+        self.signal_name = self.signal_name or "a signal on another rank"
+        trainer.should_stop = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it into place, so an interrupted
+    save never leaves a truncated ``.ckpt`` that looks valid."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        temporary = f"{path}.tmp"
+        try:
+            super().save_checkpoint(checkpoint, temporary, storage_options)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)

@@ -1,0 +1,156 @@
+"""The LightningModule that trains a GPT: loss, AdamW, the learning-rate schedule, logging."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
+
+from llm.model import GPT, GPTConfig
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup from 0, then cosine decay to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class GPTLightningModule(L.LightningModule):
+    """Trains a ``GPT`` on ``(inputs, targets)`` batches of token ids, both (B, T).
+
+    ``model`` holds ``GPTConfig`` fields and ``tokenizer`` the ``{"name", "path"}`` the data was
+    encoded with; both are saved in every checkpoint so it can be loaded on its own. The
+    schedule's length is the trainer's ``max_steps``.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        tokenizer: Mapping[str, Any],
+        learning_rate: float = 6e-4,
+        min_lr: float = 6e-5,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        compile_model: bool = False,
+        check_finite_every: int = 50,
+    ) -> None:
+        super().__init__()
+        # Every argument goes into the checkpoint. Pass plain containers (not OmegaConf nodes)
+        # so that checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters()
+        self.model = GPT(GPTConfig(**model))
+        self.learning_rate = learning_rate
+        self.min_lr = min_lr
+        self.warmup_steps = warmup_steps
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.compile_model = compile_model
+        self.check_finite_every = check_finite_every
+        self.val_loss = MeanMetric()
+        # Set once the batch shape is known; ThroughputMonitor reads it to compute MFU.
+        self.flops_per_batch: int | None = None
+        # Counts non-finite losses on the device; read on the host only every
+        # `check_finite_every` steps so that training never waits for the GPU to report it.
+        self.register_buffer(
+            "nonfinite_losses", torch.zeros((), dtype=torch.long), persistent=False
+        )
+
+    def configure_model(self) -> None:
+        if self.compile_model:
+            # Compiles in place: parameter names, and so checkpoints, stay the same.
+            self.model.compile()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        inputs, targets = batch
+        _, loss = self.model(inputs, targets)
+        self.nonfinite_losses += (~torch.isfinite(loss.detach())).long()
+        self.flops_per_batch = self.model.flops_per_token() * inputs.numel()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])  # a float: no device read
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.check_finite_every == 0:
+            self.check_finite()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        inputs, targets = batch
+        _, loss = self.model(inputs, targets)
+        self.val_loss.update(loss, weight=inputs.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # averaged over every rank's tokens
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/perplexity": loss.exp()}, prog_bar=True)
+
+    def check_finite(self) -> None:
+        """Stop training if any loss since the start was NaN or infinite (reads the device)."""
+        if self.nonfinite_losses.item():
+            raise NonFiniteLossError(
+                f"The training loss became NaN or infinite by step {self.global_step}; the last "
+                "checkpoint saved before it is kept. Try a lower learning_rate, a longer warmup, "
+                "or precision=32."
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # a diverged model is never saved over a good checkpoint
+        # Dropout draws from torch's generator: restoring it makes a resumed run exact.
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("model")
+        current = self.hparams["model"]
+        if saved is not None and saved != current:
+            differences = ", ".join(
+                f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
+                for key in sorted(set(saved) | set(current))
+                if saved.get(key) != current.get(key)
+            )
+            raise ValueError(
+                f"The checkpoint was trained with another model config ({differences}); "
+                "resume with the same model settings or start a new run."
+            )
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # Decay weight matrices (linear and embedding weights) only: biases and LayerNorm gains
+        # set offsets and scales, and pulling them towards zero only hurts.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=self.learning_rate,
+            betas=self.betas,
+            # One kernel for all parameters on CUDA instead of a loop over them.
+            fused=self.device.type == "cuda",
+        )
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps <= 0:
+            raise ValueError("Set trainer.max_steps > 0: the learning-rate schedule needs it.")
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            partial(
+                warmup_cosine,
+                warmup_steps=self.warmup_steps,
+                max_steps=max_steps,
+                min_lr_ratio=self.min_lr / self.learning_rate,
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,30 @@
+"""Train a GPT: python scripts/train.py [group=option ...] [key=value ...]
+
+Configs live in configs/ (train.yaml and its groups); see the README for recipes.
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from llm.run import EXIT_CODES, one_line_errors, register_model_presets, train
+
+register_model_presets()
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    with one_line_errors():
+        stopped = train(cfg)
+    if stopped is not None and stopped.signal_name is not None:
+        print(
+            f"Stopped by {stopped.signal_name}; saved {stopped.checkpoint_path}. "
+            f"Resume with ckpt_path={stopped.checkpoint_path}",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_CODES.get(stopped.signal_name, 1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""Training end to end: the real configs and entry point, on a tiny model and synthetic text."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from itertools import pairwise
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from llm.run import register_model_presets, resolve_precision, train
+from llm.training import GPTLightningModule, NonFiniteLossError, warmup_cosine
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+register_model_presets()
+
+TINY = [
+    "model=gpt-nano",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.context_length=32",
+    "tokenizer.name=bytes",
+    "data=text",
+    "data.batch_size=8",
+    "trainer=cpu",
+    "trainer.precision=32",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "~callbacks.progress_bar",
+    "trainer.enable_model_summary=false",
+    "callbacks.inspection.sample_tokens=8",
+    "callbacks.throughput.window_size=2",
+    "module.warmup_steps=2",
+]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """Repetitive text: a tiny model learns it within seconds."""
+    lines = [
+        f"{name} said: the {thing} is {color}.\n"
+        for name in ("Anna", "Ben", "Cleo")
+        for thing in ("sky", "sea", "grass")
+        for color in ("blue", "green")
+    ]
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(lines) * 40)
+    return path
+
+
+def tiny_overrides(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [*TINY, f"data.source={corpus}", f"data.data_dir={run_dir.parent / 'data'}", *extra]
+
+
+def compose_run(overrides: list[str], run_dir: Path) -> DictConfig:
+    """The config `scripts/train.py` would see, with its Hydra run folder set to run_dir."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run_script(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *overrides],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def final_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("model.")}
+
+
+class SignalAtStep(L.Callback):
+    """Sends this process a signal at the end of a given step, like a Ctrl-C or a scheduler."""
+
+    def __init__(self, step: int, signum: int = signal.SIGINT) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            signal.raise_signal(self.signum)
+
+
+class PoisonAtStep(L.Callback):
+    """Makes the weights NaN after a given step, as a diverging run would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.final_norm.weight.fill_(float("nan"))
+
+
+class RecordFirstBatch(L.Callback):
+    """Saves each rank's first training batch next to the checkpoints."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            torch.save(
+                batch[0].cpu(), Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt"
+            )
+
+
+# --- the real entry point -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_script_writes_checkpoints_and_tensorboard(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_script(*tiny_overrides(corpus, run_dir), f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+
+    events = EventAccumulator(
+        str(run_dir / "tensorboard"), size_guidance={"images": 0, "tensors": 0}
+    )
+    events.Reload()
+    tags = events.Tags()
+    for scalar in ("train/loss", "train/lr", "val/loss", "val/perplexity"):
+        assert scalar in tags["scalars"], tags["scalars"]
+    assert any("items_per_sec" in tag for tag in tags["scalars"]), tags["scalars"]
+    assert {"attention/layer_0", "attention/layer_1"} <= set(tags["images"])
+    assert "sample/text_summary" in tags["tensors"]
+    sample = events.Tensors("sample/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert len(sample.strip("`\n")) > 0
+
+
+@pytest.mark.slow
+def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
+    cases = {
+        "trainer.max_stepz=5": "Could not override 'trainer.max_stepz'",
+        "data.batch_size=0": "data.batch_size must be a positive integer",
+        "module.learning_rate=fast": "module.learning_rate must be a positive number",
+        "model.n_layer=six": "model.n_layer",
+        "model.n_head=5": "divisible by n_head",
+        f"ckpt_path={tmp_path / 'missing.ckpt'}": "does not exist",
+        "data=text": "data.source",
+    }
+    for override, message in cases.items():
+        result = run_script("tokenizer.name=bytes", override, f"hydra.run.dir={tmp_path / 'run'}")
+        assert result.returncode != 0, override
+        assert any(message in line for line in result.stderr.splitlines()), (
+            override,
+            result.stderr,
+        )
+        assert "Traceback" not in result.stderr, (override, result.stderr)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --- training behaviour ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_loss_falls_by_half(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        corpus,
+        run_dir,
+        "trainer.max_steps=150",
+        "trainer.val_check_interval=150",
+        "module.learning_rate=3e-3",
+    )
+    train(compose_run(overrides, run_dir))
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    final_val_loss = events.Scalars("val/loss")[-1].value
+    initial_loss = math.log(257)  # an untrained model guesses uniformly over the 257 byte tokens
+    assert final_val_loss < 0.5 * initial_loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, signum):
+    extra = ["trainer.max_steps=8", "model.dropout=0.1"]
+    whole_dir, first_dir, second_dir = tmp_path / "whole", tmp_path / "first", tmp_path / "second"
+    train(compose_run(tiny_overrides(corpus, whole_dir, *extra), whole_dir))
+
+    cfg = compose_run(tiny_overrides(corpus, first_dir, *extra), first_dir)
+    with open_dict(cfg):
+        cfg.callbacks.signal = {"_target_": f"{__name__}.SignalAtStep", "step": 4, "signum": signum}
+    stopped = train(cfg)
+    assert stopped.signal_name == signal.Signals(signum).name
+    interrupted = first_dir / "checkpoints" / "last.ckpt"
+    assert stopped.checkpoint_path == interrupted
+    # The signal lands after step 4 was checked, so step 5 finishes before the stop.
+    assert torch.load(interrupted, weights_only=True)["global_step"] == 5
+
+    resume = tiny_overrides(corpus, second_dir, *extra, f"ckpt_path={interrupted}")
+    train(compose_run(resume, second_dir))
+    whole = final_weights(whole_dir / "checkpoints" / "last.ckpt")
+    resumed = final_weights(second_dir / "checkpoints" / "last.ckpt")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_run(tiny_overrides(corpus, run_dir, "module.check_finite_every=1"), run_dir)
+    with open_dict(cfg):
+        cfg.callbacks.poison = {"_target_": f"{__name__}.PoisonAtStep", "step": 4}
+    with pytest.raises(NonFiniteLossError, match="NaN or infinite"):
+        train(cfg)
+    kept = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert kept["global_step"] == 3  # saved at the validation before the damage
+    assert all(
+        torch.isfinite(v).all()
+        for v in final_weights(run_dir / "checkpoints" / "last.ckpt").values()
+    )
+
+
+@pytest.mark.slow
+def test_resuming_with_another_model_config_fails_clearly(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose_run(tiny_overrides(corpus, run_dir), run_dir))
+    other = tiny_overrides(
+        corpus,
+        tmp_path / "other",
+        "model.n_layer=3",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+    )
+    with pytest.raises(ValueError, match="n_layer: 2 in the checkpoint, 3 now"):
+        train(compose_run(other, tmp_path / "other"))
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_ranks_see_different_batches(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_script(
+        *tiny_overrides(corpus, run_dir),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=3",
+        "+callbacks.record._target_=test_train.RecordFirstBatch",
+        f"hydra.run.dir={run_dir}",
+        env={"PYTHONPATH": str(ROOT / "tests")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(run_dir / f"rank{r}.pt") for r in (0, 1))
+    assert rank0.shape == rank1.shape and not torch.equal(rank0, rank1)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+# --- configs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "experiment", sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+)
+def test_every_experiment_composes(corpus, tmp_path, experiment):
+    cfg = compose_run(
+        [f"experiment={experiment}", "tokenizer.name=bytes", "data=text", f"data.source={corpus}"],
+        tmp_path,
+    )
+    assert cfg.trainer.max_steps > 0 and cfg.model.n_layer > 0
+
+
+@pytest.mark.parametrize(
+    ("group", "options"),
+    [
+        (group.name, sorted(p.stem for p in group.glob("*.yaml")))
+        for group in sorted(CONFIGS.iterdir())
+        if group.is_dir() and group.name != "experiment"
+    ]
+    + [
+        (
+            "model",
+            ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-mini", "gpt-micro", "gpt-nano"],
+        )
+    ],
+)
+def test_every_group_option_composes(corpus, tmp_path, group, options):
+    for option in options:
+        cfg = compose_run([*TINY, f"data.source={corpus}", f"{group}={option}"], tmp_path)
+        assert cfg[group] is not None
+
+
+def test_precision_auto_resolves_to_bf16_only_where_fast(monkeypatch):
+    monkeypatch.setattr("llm.run.cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.setattr("llm.run.cpu_has_fast_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "32-true"
+    assert resolve_precision("16-mixed", "cpu") == "16-mixed"
+
+
+def test_warmup_then_cosine_to_min_lr():
+    factors = [
+        warmup_cosine(step, warmup_steps=10, max_steps=110, min_lr_ratio=0.1) for step in range(121)
+    ]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in pairwise(factors[10:]))  # never rises
+    assert factors[60] == pytest.approx(0.55) and factors[110] == pytest.approx(0.1)
+    assert factors[120] == pytest.approx(0.1)
+
+
+def test_weight_decay_only_on_weight_matrices():
+    module = GPTLightningModule(
+        model={"vocab_size": 50, "context_length": 8, "n_layer": 1, "n_head": 2, "n_embd": 8},
+        tokenizer={"name": "bytes", "path": None},
+    )
+    module.trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False)
+    optimizer = module.configure_optimizers()["optimizer"]
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"])
+    assert all(p.dim() == 1 for p in plain["params"])
+    named = dict(module.model.named_parameters())
+    assert any(p is named["blocks.0.norm1.weight"] for p in plain["params"])
+    assert any(p is named["blocks.0.attn.qkv.bias"] for p in plain["params"])
