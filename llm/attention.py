@@ -251,6 +251,24 @@ class MultiHeadAttention(nn.Module):
         return (output, weights) if return_weights else output
 
 
+@torch.no_grad()
+def copy_wrapper_into_fused(wrapper: MultiHeadAttentionWrapper, fused: MultiHeadAttention) -> None:
+    """Give ``fused`` the wrapper's heads, so that both compute the same attention weights.
+
+    The fused projection stacks every head's query rows, then every head's key rows, then the
+    value rows. The wrapper has no output projection, so the fused one becomes the identity.
+    """
+    heads = wrapper.heads
+    for part, name in enumerate(("W_query", "W_key", "W_value")):
+        rows = slice(part * fused.d_out, (part + 1) * fused.d_out)
+        fused.qkv.weight[rows] = torch.cat([getattr(head, name).weight for head in heads])
+        if fused.qkv.bias is not None:
+            fused.qkv.bias[rows] = torch.cat([getattr(head, name).bias for head in heads])
+    fused.out_proj.weight.copy_(torch.eye(fused.d_out))
+    if fused.out_proj.bias is not None:
+        fused.out_proj.bias.zero_()
+
+
 def _head_dim(d_out: int, num_heads: int) -> int:
     if num_heads <= 0 or d_out % num_heads:
         raise ValueError(

@@ -138,10 +138,15 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_norm = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        if config.tie_embeddings:
-            # One matrix maps token ids to vectors and vectors back to token scores.
-            self.lm_head.weight = self.token_embedding.weight
+        self.tie_weights()
         self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """With ``tie_embeddings``, make the LM head use the token embedding matrix: one matrix
+        maps token ids to vectors and vectors back to token scores. Call it again after
+        anything that replaces parameters, such as ``load_state_dict(..., assign=True)``."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02) weights, zero biases, and the projections that write

@@ -4,8 +4,7 @@ datamodule, module, callbacks, logger and trainer, and fit."""
 from __future__ import annotations
 
 import contextlib
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from llm.callbacks import AtomicCheckpointIO, GracefulStop
 from llm.model import PRESETS, GPTConfig
@@ -129,14 +127,3 @@ def train(cfg: DictConfig) -> GracefulStop | None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     return next((c for c in callbacks if isinstance(c, GracefulStop)), None)
-
-
-@contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
-    """Report the project's expected errors as one line on stderr and exit 1, not a traceback."""
-    try:
-        yield
-    except (ValueError, OSError, FloatingPointError, OmegaConfBaseException) as error:
-        # OmegaConf adds lines about the node's type after its first, which says it all.
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)

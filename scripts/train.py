@@ -8,7 +8,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from llm.run import EXIT_CODES, one_line_errors, register_model_presets, train
+from llm.errors import one_line_errors
+from llm.run import EXIT_CODES, register_model_presets, train
 
 register_model_presets()
 

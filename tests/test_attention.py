@@ -12,6 +12,7 @@ from llm.attention import (
     MultiHeadAttention,
     MultiHeadAttentionWrapper,
     SelfAttention,
+    copy_wrapper_into_fused,
     simple_self_attention,
 )
 
@@ -36,20 +37,6 @@ def hand_context_vector(inputs: torch.Tensor, query: int) -> list[float]:
     total = sum(math.exp(score) for score in scores)
     weights = [math.exp(score) / total for score in scores]
     return [sum(w * row[d] for w, row in zip(weights, rows, strict=True)) for d in range(3)]
-
-
-def copy_wrapper_into_fused(wrapper: MultiHeadAttentionWrapper, fused: MultiHeadAttention) -> None:
-    """Stack the wrapper's per-head projections into the fused QKV projection; the wrapper has
-    no output projection, so the fused one becomes the identity."""
-    heads = wrapper.heads
-    with torch.no_grad():
-        for part, name in enumerate(("W_query", "W_key", "W_value")):
-            rows = slice(part * fused.d_out, (part + 1) * fused.d_out)
-            fused.qkv.weight[rows] = torch.cat([getattr(h, name).weight for h in heads])
-            if fused.qkv.bias is not None:
-                fused.qkv.bias[rows] = torch.cat([getattr(h, name).bias for h in heads])
-        fused.out_proj.weight.copy_(torch.eye(fused.d_out))
-        fused.out_proj.bias.zero_()
 
 
 def causal_steps(d: int = 8, context_length: int = 10) -> dict[str, nn.Module]:

@@ -1,0 +1,216 @@
+"""Model files: loading a ``GPT`` from any format llm knows, and saving one.
+
+``load_model`` recognises:
+
+- a training checkpoint (a Lightning ``.ckpt``): the GPT's weights under ``model.`` in its
+  ``state_dict``, the ``GPTConfig`` fields in ``hyper_parameters["model"]`` and the tokenizer
+  in ``hyper_parameters["tokenizer"]``;
+- a safetensors file written by ``save_model``: the weights, with the config and tokenizer as
+  JSON in the file's metadata;
+- a Hugging Face GPT-2 folder (``config.json`` and ``model.safetensors``), which uses the GPT-2
+  tokenizer. ``save_hf`` writes one that ``transformers`` loads.
+
+Files are recognised by their content, not their name. Writes are atomic: a temporary file in
+the same folder, renamed into place once complete, so a failed save never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from llm.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from llm.model import GPT, GPTConfig
+
+ACCEPTED = (
+    "a training checkpoint (.ckpt), a .safetensors model saved by llm, or a Hugging Face "
+    "GPT-2 folder (config.json + model.safetensors)"
+)
+GPT2_TOKENIZER: dict[str, Any] = {"name": "gpt2", "path": None}
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+PICKLE_MAGIC = b"\x80"  # the legacy torch.save format starts with a pickle protocol opcode
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict[str, Any]]:
+    """The model stored at ``path``, in eval mode on ``device``, and its tokenizer spec
+    (``load_tokenizer(**spec)`` loads the tokenizer)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file {path} not found: give {ACCEPTED}")
+    if path.is_dir():
+        config, state_dict, tokenizer = _read_hf_folder(path)
+    else:
+        with path.open("rb") as file:
+            head = file.read(9)
+        if head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+            config, state_dict, tokenizer = _read_training_checkpoint(path)
+        elif head[8:9] == b"{":  # safetensors: an 8-byte header length, then a JSON header
+            config, state_dict, tokenizer = _read_safetensors(path)
+        else:
+            raise ValueError(f"{path} is not a model file llm knows: give {ACCEPTED}")
+    model = _build_model(config, state_dict, path)
+    return model.to(device).eval(), tokenizer
+
+
+def save_model(model: GPT, path: str | Path, tokenizer: dict[str, Any]) -> None:
+    """Save ``model`` as one safetensors file that ``load_model`` reads, with its config and
+    the tokenizer spec ``tokenizer`` (``{"name": ..., "path": ...}``) in the metadata."""
+    state_dict = _weights(model)
+    metadata = {
+        "format": "pt",
+        "config": json.dumps(model.config.to_dict()),
+        "tokenizer": json.dumps(tokenizer),
+    }
+    _write_atomically(Path(path), lambda tmp: save_file(state_dict, tmp, metadata))
+
+
+def save_hf(model: GPT, folder: str | Path, eot_token: int | None = None) -> None:
+    """Export ``model`` as a Hugging Face GPT-2 folder (``config.json`` and
+    ``model.safetensors``) that ``transformers.GPT2LMHeadModel.from_pretrained`` loads;
+    ``eot_token`` becomes its end-of-sequence token."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = to_hf_state_dict(_weights(model), model.config)
+    config = json.dumps(to_hf_config(model.config, eot_token), indent=2)
+    # transformers only reads safetensors files whose metadata says they hold torch tensors.
+    _write_atomically(
+        folder / "model.safetensors", lambda tmp: save_file(weights, tmp, {"format": "pt"})
+    )
+    _write_atomically(folder / "config.json", lambda tmp: tmp.write_text(config + "\n"))
+
+
+def _read_training_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises whatever the unpickler or zip reader raises
+        first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
+        reason = first_line.split(". ")[0]  # torch's zip errors go on for a paragraph
+        raise ValueError(
+            f"{path} could not be read as a training checkpoint ({reason}); is it truncated "
+            f"or corrupt? Give {ACCEPTED}"
+        ) from None
+    hyper_parameters = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if (
+        not isinstance(hyper_parameters, dict)
+        or not isinstance(checkpoint.get("state_dict"), dict)
+        or not {"model", "tokenizer"} <= hyper_parameters.keys()
+    ):
+        raise ValueError(
+            f"{path} is not an llm training checkpoint: it needs a state_dict and "
+            f"hyper_parameters with 'model' and 'tokenizer'. Give {ACCEPTED}"
+        )
+    # The LightningModule holds the GPT as ``self.model``; a torch.compile'd one adds
+    # ``_orig_mod.``. Other entries (a loss module, metrics) are not the model's.
+    state_dict = {
+        name.removeprefix("model.").removeprefix("_orig_mod."): tensor
+        for name, tensor in checkpoint["state_dict"].items()
+        if name.startswith("model.")
+    }
+    config = _config(hyper_parameters["model"], path)
+    return config, state_dict, dict(hyper_parameters["tokenizer"])
+
+
+def _read_safetensors(path: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+            # safe_open has keys() but cannot be iterated: `for name in file` would fail.
+            state_dict = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}); is it corrupt?"
+        ) from None
+    if "config" not in metadata or "tokenizer" not in metadata:
+        raise ValueError(
+            f"{path} is a safetensors file without llm's config and tokenizer metadata; save "
+            f"models with llm.checkpoint.save_model, or give {ACCEPTED}"
+        )
+    config = _config(json.loads(metadata["config"]), path)
+    return config, state_dict, json.loads(metadata["tokenizer"])
+
+
+def _read_hf_folder(folder: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
+    config_file, weights_file = folder / "config.json", folder / "model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise ValueError(
+            f"{folder} is a folder without config.json and model.safetensors; give {ACCEPTED}"
+        )
+    try:
+        hf_config = json.loads(config_file.read_text())
+        hf_state = load_file(weights_file)
+    except (json.JSONDecodeError, SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{folder} holds an unreadable GPT-2 model ({err}); is it corrupt?"
+        ) from None
+    try:
+        config = from_hf_config(hf_config)
+        return config, from_hf_state_dict(hf_state, config), dict(GPT2_TOKENIZER)
+    except ValueError as err:
+        raise ValueError(f"{folder}: {err}") from None
+
+
+def _config(fields: dict[str, Any], source: Path) -> GPTConfig:
+    try:
+        return GPTConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source} holds a model config llm cannot use: {err}") from None
+
+
+def _build_model(config: GPTConfig, state_dict: dict[str, Tensor], source: Path) -> GPT:
+    """A GPT with ``config`` whose weights are exactly ``state_dict``'s, as float32."""
+    # On the meta device the model allocates no memory and skips its random initialisation,
+    # which would take most of the load time for the large GPT-2s: every weight comes from the
+    # file instead.
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = model.state_dict()
+    if config.tie_embeddings:  # the LM head is the token embedding: stored once, or ignored
+        expected.pop("lm_head.weight")
+        state_dict = {name: t for name, t in state_dict.items() if name != "lm_head.weight"}
+    problems = [f"missing {name}" for name in expected if name not in state_dict]
+    problems += [f"unexpected {name}" for name in state_dict if name not in expected]
+    problems += [
+        f"{name} has shape {tuple(state_dict[name].shape)}, not {tuple(want.shape)}"
+        for name, want in expected.items()
+        if name in state_dict and state_dict[name].shape != want.shape
+    ]
+    if problems:
+        raise ValueError(
+            f"{source}: the weights do not fit the model's config ({len(problems)} problems, "
+            f"such as {problems[0]})"
+        )
+    weights = {name: tensor.float() for name, tensor in state_dict.items()}
+    model.load_state_dict(weights, strict=False, assign=True)
+    model.tie_weights()  # assign=True gave each module its own parameter object
+    return model
+
+
+def _weights(model: GPT) -> dict[str, Tensor]:
+    """The model's weights on the CPU, each stored once (safetensors refuses shared tensors)."""
+    state_dict = model.state_dict()
+    if model.config.tie_embeddings:
+        del state_dict["lm_head.weight"]
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write`` on a temporary file next to ``path`` and rename it to ``path`` only once
+    it is complete; on any error the temporary file is removed and ``path`` is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,187 @@
+"""Pictures of attention: what each token attends to, as heat maps.
+
+- ``attention_figure``: one layer's maps, a panel per head, tokens labelled on both axes.
+- ``model_attention_figures``: those figures for every layer of a model reading a prompt.
+- ``ladder_figure``: one panel per step of the attention ladder (``llm.attention``) on a toy
+  input, showing what each variant computes and what each step changes.
+- ``save_figures``: figures to PNG files, a TensorBoard run, or both.
+
+Figures are built as ``matplotlib.figure.Figure`` objects rendered by the Agg backend, never
+through pyplot, so no global figure list grows and nothing needs closing. In every map, row t
+is query token t and column s the key token s it attends to; rows sum to 1.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+
+from llm.attention import (
+    CausalAttention,
+    MultiHeadAttention,
+    MultiHeadAttentionWrapper,
+    SelfAttention,
+    copy_wrapper_into_fused,
+    simple_self_attention,
+)
+from llm.generate import encode_prompt
+from llm.model import GPT
+from llm.tokenizer import Tokenizer
+
+# The six-token example of the design notes (tests/test_attention.py uses it too): a 3-d
+# embedding for each token, small enough to read every weight off the ladder's pictures.
+TOY_TOKENS = ["These", "are", "random", "words", "and", "embeddings"]
+TOY_INPUTS = torch.tensor(
+    [
+        [0.35, 0.15, 0.89],
+        [0.97, 0.80, 0.30],
+        [0.65, 0.34, 0.24],
+        [0.20, 0.87, 0.34],
+        [0.86, 0.13, 0.05],
+        [0.10, 0.20, 0.30],
+    ]
+)
+
+
+def attention_figure(weights: Tensor, tokens: list[str], title: str = "") -> Figure:
+    """One layer's attention maps (n_head, T, T) as a grid of heads, labelled with the T
+    ``tokens`` on both axes."""
+    if weights.dim() != 3 or weights.size(1) != weights.size(2) or weights.size(1) != len(tokens):
+        raise ValueError(
+            f"attention weights must have shape (heads, {len(tokens)}, {len(tokens)}) for "
+            f"{len(tokens)} tokens, got {tuple(weights.shape)}"
+        )
+    maps = [(f"head {head}", weights[head]) for head in range(weights.size(0))]
+    return _maps_figure(maps, tokens, columns=math.ceil(math.sqrt(len(maps))), title=title)
+
+
+def model_attention_figures(model: GPT, tokenizer: Tokenizer, prompt: str) -> dict[str, Figure]:
+    """``attention_figure`` of every layer of ``model`` reading ``prompt``, by name
+    (``layer_00``, ``layer_01``, ...)."""
+    device = model.token_embedding.weight.device
+    idx = encode_prompt(tokenizer, prompt, model.config.context_length, device)  # (1, T)
+    maps = model.attention_weights(idx)[:, 0]  # (n_layer, n_head, T, T)
+    tokens = token_labels(tokenizer, idx[0].tolist())
+    return {
+        f"layer_{layer:02d}": attention_figure(maps[layer], tokens, title=f"layer {layer}")
+        for layer in range(maps.size(0))
+    }
+
+
+def ladder_attention(inputs: Tensor, num_heads: int = 2, seed: int = 0) -> list[tuple[str, Tensor]]:
+    """The (T, T) attention weights each ladder step computes for ``inputs`` (T, d_in), titled.
+
+    The steps share weights where they can, so that each picture differs from the one before
+    only by what its step adds: the causal step reuses the self-attention projections (it only
+    hides the future), the wrapper's first head is the causal step, and the fused module holds
+    the wrapper's heads (it computes the same weights, only faster).
+    """
+    T, d_in = inputs.shape
+    d_head = 2  # small, as in the design notes' example
+    batch = inputs[None]  # (1, T, d_in): the multi-head steps stack heads along dim 1
+    with torch.random.fork_rng():  # seeded weights, without touching the global generator
+        torch.manual_seed(seed)
+        plain = SelfAttention(d_in, d_head)
+        causal = CausalAttention(d_in, d_head, context_length=T, dropout=0.0)
+        wrapper = MultiHeadAttentionWrapper(d_in, d_head * num_heads, T, 0.0, num_heads)
+        fused = MultiHeadAttention(d_in, d_head * num_heads, T, 0.0, num_heads)
+    causal.load_state_dict(plain.state_dict())
+    wrapper.heads[0].load_state_dict(causal.state_dict())
+    copy_wrapper_into_fused(wrapper, fused)
+    with torch.no_grad():
+        steps = [
+            ("1 simple_self_attention", simple_self_attention(inputs, return_weights=True)[1]),
+            ("2 SelfAttention", plain(inputs, return_weights=True)[1]),
+            ("3 CausalAttention", causal(inputs, return_weights=True)[1]),
+        ]
+        for name, module in (
+            ("4 MultiHeadAttentionWrapper", wrapper),
+            ("5 MultiHeadAttention", fused),
+        ):
+            weights = module(batch, return_weights=True)[1][0]  # (nh, T, T)
+            steps += [(f"{name}\nhead {head}", weights[head]) for head in range(num_heads)]
+    return steps
+
+
+def ladder_figure(inputs: Tensor, tokens: list[str], num_heads: int = 2, seed: int = 0) -> Figure:
+    """One figure with a panel per step of the attention ladder (a panel per head for the
+    multi-head steps) on the toy input ``inputs`` (T, d_in) labelled by ``tokens``."""
+    if inputs.dim() != 2 or inputs.size(0) != len(tokens):
+        raise ValueError(
+            f"the toy input must have shape ({len(tokens)}, d_in) for {len(tokens)} tokens, "
+            f"got {tuple(inputs.shape)}"
+        )
+    maps = ladder_attention(inputs, num_heads, seed)
+    return _maps_figure(maps, tokens, columns=len(maps), title="The attention ladder")
+
+
+def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    """Each token as a readable axis label: control characters escaped as in Python strings,
+    a token that ends inside a multi-byte character shown with U+FFFD."""
+    texts = (
+        tokenizer.encoding.decode_single_token_bytes(i).decode("utf-8", "replace") for i in ids
+    )
+    # "$" would start matplotlib's math mode.
+    return [repr(text)[1:-1].replace("$", r"\$") for text in texts]
+
+
+def save_figures(
+    figures: dict[str, Figure],
+    png_dir: str | Path | None = None,
+    tensorboard_dir: str | Path | None = None,
+    prefix: str = "attention",
+) -> list[Path]:
+    """Write each figure to ``png_dir/<name>.png`` and/or to a TensorBoard run in
+    ``tensorboard_dir`` (tag ``prefix/<name>``); returns the PNG paths."""
+    if png_dir is None and tensorboard_dir is None:
+        raise ValueError(
+            "nowhere to write the figures: give a PNG folder, a TensorBoard folder, or both"
+        )
+    paths = []
+    if png_dir is not None:
+        Path(png_dir).mkdir(parents=True, exist_ok=True)
+        for name, figure in figures.items():
+            paths.append(Path(png_dir) / f"{name}.png")
+            figure.savefig(paths[-1], dpi=120)
+    if tensorboard_dir is not None:
+        with SummaryWriter(str(tensorboard_dir)) as writer:
+            for name, figure in figures.items():
+                writer.add_figure(f"{prefix}/{name}", figure, close=False)
+    return paths
+
+
+def _maps_figure(
+    maps: list[tuple[str, Tensor]], tokens: list[str], columns: int, title: str
+) -> Figure:
+    """Heat maps of (T, T) weights in a grid with ``columns`` panels a row; token labels on the
+    left column (queries) and under the lowest panel of each column (keys)."""
+    rows = math.ceil(len(maps) / columns)
+    panel = 1.2 + 0.16 * len(tokens)  # inches: room for the labels plus the cells
+    figure = Figure(figsize=(columns * panel + 1.0, rows * panel + 0.6), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    positions = range(len(tokens))
+    for index, ax in enumerate(axes.flat):
+        if index >= len(maps):
+            ax.set_axis_off()
+            continue
+        name, weights = maps[index]
+        image = ax.imshow(weights.detach().float().cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=8)
+        # Ticks only on the outer panels: each tick is an artist, and hundreds of them would
+        # make the figure several times slower to lay out and draw.
+        bottom, left = index + columns >= len(maps), index % columns == 0
+        ax.set_xticks(
+            positions if bottom else [], tokens if bottom else [], rotation=90, fontsize=6
+        )
+        ax.set_yticks(positions if left else [], tokens if left else [], fontsize=6)
+    figure.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
+    figure.supxlabel("key: the token attended to", fontsize=8)
+    figure.supylabel("query: the token attending", fontsize=8)
+    if title:
+        figure.suptitle(title)
+    return figure

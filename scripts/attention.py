@@ -1,0 +1,46 @@
+"""Attention maps as pictures, to PNG files and/or a TensorBoard run.
+
+    python scripts/attention.py model CHECKPOINT "The cat sat on the mat" --png maps/
+    python scripts/attention.py ladder --png maps/ --tensorboard runs/ladder
+
+``model`` draws one figure per layer of a model (a panel per head) reading the prompt;
+``ladder`` draws what each step of the attention ladder computes on the six-token toy input.
+"""
+
+import argparse
+
+from llm.checkpoint import load_model
+from llm.errors import one_line_errors
+from llm.inspect import TOY_INPUTS, TOY_TOKENS, ladder_figure, model_attention_figures, save_figures
+from llm.tokenizer import load_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    model_parser = commands.add_parser("model", help="a model's maps for a prompt, per layer")
+    model_parser.add_argument("checkpoint", help=".ckpt, .safetensors or Hugging Face GPT-2 folder")
+    model_parser.add_argument("prompt", help="the text to read (a few tokens keep maps legible)")
+    commands.add_parser("ladder", help="each attention ladder step on the toy input")
+    for command in commands.choices.values():
+        command.add_argument("--png", metavar="DIR", help="write one PNG per figure here")
+        command.add_argument("--tensorboard", metavar="DIR", help="write to this TensorBoard run")
+    args = parser.parse_args()
+    if args.png is None and args.tensorboard is None:
+        parser.error("give --png DIR, --tensorboard DIR, or both")
+
+    with one_line_errors():
+        if args.command == "model":
+            model, tokenizer_spec = load_model(args.checkpoint)
+            figures = model_attention_figures(model, load_tokenizer(**tokenizer_spec), args.prompt)
+        else:
+            figures = {"ladder": ladder_figure(TOY_INPUTS, TOY_TOKENS)}
+        paths = save_figures(figures, args.png, args.tensorboard)
+    for path in paths:
+        print(path)
+    if args.tensorboard is not None:
+        print(f"TensorBoard: tensorboard --logdir {args.tensorboard}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Tokens/s (and MFU where the device's peak is known) of the training step.
+
+    python scripts/bench_train.py                        # gpt-micro, B=16, T=128, on this machine
+    python scripts/bench_train.py --preset gpt2 --batch 16 --tokens 1024   # on a GPU
+
+Rows: a plain PyTorch loop in fp32 eager, with bf16 autocast, and with bf16 plus
+torch.compile; then the real Lightning path (GPTLightningModule + Trainer) in the same
+precision and compile setting as the last plain row. Every row trains the same model on the same
+random batches held in memory, so the table compares the step itself, not data loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from torch.utils.data import DataLoader, TensorDataset
+
+from llm.model import GPT, GPTConfig
+from llm.training import GPTLightningModule
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_loop(
+    config: GPTConfig,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    bf16: bool,
+    compile: bool,
+    warmup: int,
+) -> list[float]:
+    """Seconds per optimizer step of the least code that trains the model."""
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    if compile:
+        model.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    )
+    times = []
+    for step, batch in enumerate(batches):
+        batch = batch.to(device, non_blocking=True)
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast:
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+class StepTimer(L.Callback):
+    """Times each training batch from its start to its end, as the plain loop does."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.times, self._start = warmup, [], 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        synchronize(trainer.strategy.root_device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        synchronize(trainer.strategy.root_device)
+        if trainer.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def lightning_loop(
+    config: GPTConfig,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    bf16: bool,
+    compile: bool,
+    warmup: int,
+) -> list[float]:
+    """Seconds per optimizer step through GPTLightningModule and a Lightning Trainer."""
+    torch.manual_seed(0)
+    module = GPTLightningModule(
+        model=config.to_dict(), tokenizer={"name": "gpt2", "path": None}, compile_model=compile
+    )
+    data = torch.stack(batches)
+    loader = DataLoader(
+        TensorDataset(data[:, :, :-1].flatten(0, 1), data[:, :, 1:].flatten(0, 1)),
+        batch_size=batches[0].size(0),
+    )
+    timer = StepTimer(warmup)
+    trainer = L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision="bf16-mixed" if bf16 else "32-true",
+        max_steps=len(batches),
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="gpt-micro")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (compiles)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    config = GPTConfig.from_preset(args.preset, context_length=args.tokens)
+    generator = torch.Generator().manual_seed(0)
+    steps = args.steps + args.warmup
+    batches = [
+        torch.randint(config.vocab_size, (args.batch, args.tokens + 1), generator=generator)
+        for _ in range(steps)
+    ]
+    flops_per_step = GPT(config).flops_per_token() * args.batch * args.tokens
+    peak = get_available_flops(device, torch.bfloat16)
+
+    rows = [
+        ("plain loop, fp32 eager", plain_loop, False, False),
+        ("plain loop, bf16 autocast", plain_loop, True, False),
+        ("plain loop, bf16 + compile", plain_loop, True, True),
+        ("Lightning, bf16 + compile", lightning_loop, True, True),
+    ]
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{args.preset}, B={args.batch} T={args.tokens}, {name}, torch {torch.__version__}, "
+        f"median of {args.steps} steps after {args.warmup} warm-up steps"
+    )
+    print("| training step | s/step | tokens/s | vs fp32 eager | MFU |")
+    print("|---|---:|---:|---:|---:|")
+    results = {}
+    for label, loop, bf16, compile in rows:
+        seconds = statistics.median(loop(config, batches, device, bf16, compile, args.warmup))
+        results[label] = seconds
+        base = results["plain loop, fp32 eager"]
+        mfu = f"{flops_per_step / seconds / peak:.1%}" if peak else "n/a"
+        speed = f"{args.batch * args.tokens / seconds:,.0f} | {base / seconds:.2f}x"
+        print(f"| {label} | {seconds:.3f} | {speed} | {mfu} |")
+    ratio = results["plain loop, bf16 + compile"] / results["Lightning, bf16 + compile"]
+    print(f"Lightning path at {ratio:.1%} of the plain loop's tokens/s (target >= 95%)")
+
+
+if __name__ == "__main__":
+    main()

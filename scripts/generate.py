@@ -1,0 +1,100 @@
+"""Generate text: python scripts/generate.py checkpoint=PATH prompt="Once upon a time" [key=val]
+
+The checkpoint is a training checkpoint (.ckpt), a .safetensors model saved by llm, or a Hugging
+Face GPT-2 folder; the prompt comes from ``prompt=``, ``prompt_file=`` or stdin. Hydra needs
+quotes around text with punctuation or non-ASCII characters: 'prompt="Héllo, world"'. Text
+streams to stdout as it is generated. Options and defaults: configs/generate.yaml.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from llm.checkpoint import load_model
+from llm.errors import one_line_errors
+from llm.generate import TextStream, encode_prompt, generate
+from llm.tokenizer import load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_prompt(cfg: DictConfig) -> str:
+    """The prompt from ``prompt``, ``prompt_file`` ("-" for stdin), or piped stdin."""
+    if cfg.prompt is not None and cfg.prompt_file is not None:
+        raise ValueError("give prompt or prompt_file, not both")
+    if cfg.prompt is not None:
+        return str(cfg.prompt)
+    if cfg.prompt_file == "-" or (cfg.prompt_file is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if cfg.prompt_file is None:
+        raise ValueError('no prompt: give prompt="...", prompt_file=PATH, or pipe text to stdin')
+    if not Path(cfg.prompt_file).is_file():
+        raise FileNotFoundError(f"prompt_file {cfg.prompt_file} not found")
+    return Path(cfg.prompt_file).read_text()
+
+
+def run(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ValueError("no model: give checkpoint=PATH (a .ckpt, .safetensors or GPT-2 folder)")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {cfg.num_samples}")
+    if cfg.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        try:
+            device = str(torch.device(cfg.device))
+        except RuntimeError:
+            raise ValueError(
+                f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"
+            ) from None
+    prompt = read_prompt(cfg)
+    model, tokenizer_spec = load_model(cfg.checkpoint, device)
+    model.to(DTYPES[cfg.dtype])
+    tokenizer = load_tokenizer(**tokenizer_spec)
+    idx = encode_prompt(tokenizer, prompt, model.config.context_length, device)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+
+    num_tokens, start = 0, time.perf_counter()
+    for sample in range(cfg.num_samples):
+        if cfg.num_samples > 1:
+            print(f"--- sample {sample + 1} ---")
+        tokens = generate(
+            model,
+            idx,
+            cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            eot_token=tokenizer.eot_token,
+            use_cache=cfg.use_cache,
+            generator=generator,
+        )
+        stream = TextStream(tokenizer, tokens)
+        print(prompt, end="", flush=True)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        num_tokens += stream.num_tokens
+    if cfg.show_speed:
+        seconds = time.perf_counter() - start
+        print(
+            f"{num_tokens} tokens in {seconds:.2f} s: {num_tokens / seconds:.1f} tokens/s "
+            f"({device}, {cfg.dtype}, cache {'on' if cfg.use_cache else 'off'})",
+            file=sys.stderr,
+        )
+
+
+@hydra.main(config_path="../configs", config_name="generate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    with one_line_errors():
+        run(cfg)
+
+
+if __name__ == "__main__":
+    main()

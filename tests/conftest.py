@@ -1,0 +1,28 @@
+"""Fixtures shared by the tokenizer and data tests: a small offline BPE tokenizer."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from llm.tokenizer import Tokenizer, load_tokenizer
+
+# Merges on top of the 256 single bytes, each the concatenation of two earlier tokens. The
+# whitespace merges matter: they make cutting text at the wrong place change the tokens.
+TINY_MERGES = [b"\n\n", b"  ", b"\r\n", b"th", b"he", b"the", b" t", b" the", b"e ", b"in", b"ng"]
+
+
+@pytest.fixture
+def tiny_ranks_file(tmp_path: Path) -> Path:
+    """A ranks file in tiktoken's format: 256 byte tokens, then TINY_MERGES."""
+    tokens = [bytes([b]) for b in range(256)] + TINY_MERGES
+    path = tmp_path / "tiny.tiktoken"
+    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for r, t in enumerate(tokens)))
+    return path
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_ranks_file: Path) -> Tokenizer:
+    return load_tokenizer("tiny", path=tiny_ranks_file)

@@ -1,0 +1,163 @@
+"""Model files: every format loads to the same model, saves are atomic, and bad files get one
+clear error."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import llm.checkpoint
+from llm.checkpoint import load_model, save_hf, save_model
+from llm.model import GPT, GPTConfig
+
+BYTES = {"name": "bytes", "path": None}
+
+
+def tiny_model(**overrides: object) -> GPT:
+    torch.manual_seed(0)
+    fields = dict(vocab_size=257, context_length=16, n_layer=2, n_head=2, n_embd=16)
+    return GPT(GPTConfig(**(fields | overrides))).eval()
+
+
+def write_training_checkpoint(model: GPT, path: Path, prefix: str = "model.", **extra) -> None:
+    """The training checkpoint layout: the GPT's weights under ``model.``, beside other state."""
+    state_dict = {f"{prefix}{name}": tensor for name, tensor in model.state_dict().items()}
+    state_dict["loss_fn.weight"] = torch.ones(3)  # not the model's: must be ignored
+    checkpoint = {
+        "state_dict": state_dict,
+        "hyper_parameters": {"model": model.config.to_dict(), "tokenizer": BYTES},
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.1}]}],
+        "global_step": 7,
+    } | extra
+    torch.save(checkpoint, path)
+
+
+def same_logits(a: GPT, b: GPT) -> bool:
+    idx = torch.randint(0, a.config.vocab_size, (2, 8))
+    with torch.no_grad():
+        return torch.equal(a(idx)[0], b(idx)[0])
+
+
+@pytest.mark.parametrize("prefix", ["model.", "model._orig_mod."])  # plain and torch.compile'd
+def test_training_checkpoint_loads_with_its_config_and_tokenizer(tmp_path, prefix):
+    model = tiny_model()
+    write_training_checkpoint(model, tmp_path / "last.ckpt", prefix)
+    loaded, tokenizer = load_model(tmp_path / "last.ckpt")
+    assert tokenizer == BYTES
+    assert loaded.config == model.config
+    assert not loaded.training
+    assert same_logits(model, loaded)
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_safetensors_round_trip_keeps_config_tokenizer_weights_and_tying(tmp_path, tie_embeddings):
+    model = tiny_model(tie_embeddings=tie_embeddings, bias=False)
+    save_model(model, tmp_path / "model.safetensors", BYTES)
+    assert os.listdir(tmp_path) == ["model.safetensors"]  # no temporary file left behind
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as file:
+        assert json.loads(file.metadata()["config"]) == model.config.to_dict()
+    loaded, tokenizer = load_model(str(tmp_path / "model.safetensors"))
+    assert tokenizer == BYTES
+    assert loaded.config == model.config
+    assert same_logits(model, loaded)
+    assert (loaded.lm_head.weight is loaded.token_embedding.weight) == tie_embeddings
+
+
+def test_hugging_face_folder_loads_with_the_gpt2_tokenizer(tmp_path):
+    model = tiny_model()
+    save_hf(model, tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    loaded, tokenizer = load_model(tmp_path / "hf")
+    assert tokenizer == {"name": "gpt2", "path": None}
+    assert same_logits(model, loaded)
+
+
+def test_a_file_is_recognised_by_its_content_not_its_name(tmp_path):
+    model = tiny_model()
+    save_model(model, tmp_path / "model.ckpt", BYTES)  # safetensors under a .ckpt name
+    assert same_logits(model, load_model(tmp_path / "model.ckpt")[0])
+
+
+def test_a_failed_save_leaves_neither_a_partial_file_nor_a_changed_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"old")
+
+    def fail_halfway(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(llm.checkpoint, "save_file", fail_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(tiny_model(), path, BYTES)
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+    assert path.read_bytes() == b"old"
+
+
+# --- Bad files ------------------------------------------------------------------------------
+
+
+def test_a_missing_file_names_the_accepted_formats(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"not found: give a training checkpoint \(.ckpt\)"):
+        load_model(tmp_path / "nope.ckpt")
+
+
+def test_an_unknown_format_is_refused(tmp_path):
+    (tmp_path / "notes.ckpt").write_text("hello, not a model\n")
+    with pytest.raises(ValueError, match="is not a model file llm knows"):
+        load_model(tmp_path / "notes.ckpt")
+
+
+def test_a_truncated_training_checkpoint_is_reported_as_corrupt(tmp_path):
+    write_training_checkpoint(tiny_model(), tmp_path / "full.ckpt")
+    data = (tmp_path / "full.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"could not be read as a training checkpoint .*corrupt"):
+        load_model(tmp_path / "cut.ckpt")
+
+
+def test_a_torch_file_that_is_not_a_training_checkpoint_is_refused(tmp_path):
+    torch.save(tiny_model().state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match="is not an llm training checkpoint"):
+        load_model(tmp_path / "weights.pt")
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    model = tiny_model()
+    write_training_checkpoint(model, tmp_path / "bad.ckpt")
+    checkpoint = torch.load(tmp_path / "bad.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["model"]["n_layer"] = 3
+    torch.save(checkpoint, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=r"do not fit the model's config .*missing blocks\.2"):
+        load_model(tmp_path / "bad.ckpt")
+
+
+def test_a_bad_config_in_a_checkpoint_is_refused(tmp_path):
+    write_training_checkpoint(tiny_model(), tmp_path / "bad.ckpt")
+    checkpoint = torch.load(tmp_path / "bad.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["model"]["n_layers"] = 3  # a typo'd field
+    torch.save(checkpoint, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match="holds a model config llm cannot use"):
+        load_model(tmp_path / "bad.ckpt")
+
+
+def test_safetensors_without_llm_metadata_is_refused(tmp_path):
+    save_file({"x": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="without llm's config and tokenizer metadata"):
+        load_model(tmp_path / "other.safetensors")
+
+
+def test_a_truncated_safetensors_file_is_reported_as_corrupt(tmp_path):
+    save_model(tiny_model(), tmp_path / "full.safetensors", BYTES)
+    data = (tmp_path / "full.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        load_model(tmp_path / "cut.safetensors")
+
+
+def test_a_folder_without_a_gpt2_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"folder without config\.json and model\.safetensors"):
+        load_model(tmp_path)

@@ -1,0 +1,87 @@
+"""Tokenizer tests, offline: the built-in ``bytes`` encoding and a small ranks file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+from llm.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+TEXT = "Hello, world!\n\nthe theory of everything  — naïve café 日本語 🙂\r\n"
+
+
+def test_bytes_tokenizer_is_one_token_per_byte() -> None:
+    tok = load_tokenizer("bytes")
+    assert (tok.name, tok.vocab_size, tok.eot_token) == ("bytes", 257, 256)
+    assert tok.encode("hé") == list("hé".encode())
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+
+
+def test_special_token_text_is_plain_text() -> None:
+    tok = load_tokenizer("bytes")
+    ids = tok.encode("a<|endoftext|>b")
+    assert tok.eot_token not in ids
+    assert ids == list(b"a<|endoftext|>b")
+    assert tok.encode_array("a<|endoftext|>b").tolist() == ids
+
+
+def test_ranks_file_tokenizer(tiny_ranks_file: Path, tiny_tokenizer: Tokenizer) -> None:
+    tok = tiny_tokenizer
+    assert tok.name == "tiny"
+    num_ranks = len(tiny_ranks_file.read_bytes().splitlines())
+    assert tok.eot_token == num_ranks  # <|endoftext|> follows the last rank
+    assert tok.vocab_size == num_ranks + 1
+    assert len(tok.encode(" the")) == 1  # merged
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+    # The default label is gpt2: a local copy of GPT-2's ranks stands in for the download.
+    assert load_tokenizer(path=tiny_ranks_file).name == "gpt2"
+
+
+def test_encode_variants_agree(tiny_tokenizer: Tokenizer) -> None:
+    texts = [TEXT, "the thing\n\n", ""]
+    ids = [tiny_tokenizer.encode(t) for t in texts]
+    assert tiny_tokenizer.encode_batch(texts, num_threads=2) == ids
+    assert [tiny_tokenizer.encode_array(t).tolist() for t in texts] == ids
+
+
+def test_decode_accepts_arrays_and_tensors(tiny_tokenizer: Tokenizer) -> None:
+    ids = tiny_tokenizer.encode(TEXT)
+    assert tiny_tokenizer.decode(np.array(ids, dtype=np.uint16)) == TEXT
+    assert tiny_tokenizer.decode(torch.tensor(ids)) == TEXT
+
+
+def test_missing_ranks_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"tokenizer file .* not found"):
+        load_tokenizer(path=tmp_path / "nope.tiktoken")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not base64 at all\n", b"YQ== zero\n", b"YQ== 0\n"],  # bad line, bad rank, incomplete
+)
+def test_malformed_ranks_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.tiktoken"
+    path.write_bytes(content)
+    with pytest.raises(TokenizerError, match="tiktoken's format"):
+        load_tokenizer(path=path)
+
+
+def test_unknown_name_lists_the_options() -> None:
+    with pytest.raises(TokenizerError, match=r"unknown tokenizer 'gpt7'.*bytes.*gpt2"):
+        load_tokenizer("gpt7")
+
+
+def test_failed_download_names_the_offline_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(name: str) -> tiktoken.Encoding:
+        raise ConnectionError("network is unreachable")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(TokenizerError) as info:
+        load_tokenizer("gpt2")
+    message = str(info.value)
+    assert "tokenizer.path=" in message and "tokenizer.name=bytes" in message
+    assert "network is unreachable" in message and "\n" not in message
