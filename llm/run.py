@@ -4,6 +4,7 @@ datamodule, module, callbacks, logger and trainer, and fit."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +20,10 @@ from llm.callbacks import AtomicCheckpointIO, GracefulStop
 from llm.model import PRESETS, GPTConfig
 
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+# Lightning warns that a run resumed mid-epoch cannot resume its dataloader; ours can, since
+# the datamodule starts the loader at the restored step (llm.data.TokenDataModule).
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
 def register_model_presets() -> None:

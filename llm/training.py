@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import fields
 from functools import partial
 from typing import Any
 
@@ -52,6 +53,7 @@ class GPTLightningModule(L.LightningModule):
         # so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters()
         self.model = GPT(GPTConfig(**model))
+        self.model_forward = self.model.forward  # compiled in configure_model if asked
         self.learning_rate = learning_rate
         self.min_lr = min_lr
         self.warmup_steps = warmup_steps
@@ -69,13 +71,15 @@ class GPTLightningModule(L.LightningModule):
         )
 
     def configure_model(self) -> None:
+        # Only the training and validation forward is compiled: inspection and generation call
+        # the model with new shapes every time and stay eager. A compiled bound method is not a
+        # submodule, so parameter names, and so checkpoints, stay the same.
         if self.compile_model:
-            # Compiles in place: parameter names, and so checkpoints, stay the same.
-            self.model.compile()
+            self.model_forward = torch.compile(self.model.forward)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         inputs, targets = batch
-        _, loss = self.model(inputs, targets)
+        _, loss = self.model_forward(inputs, targets)
         self.nonfinite_losses += (~torch.isfinite(loss.detach())).long()
         self.flops_per_batch = self.model.flops_per_token() * inputs.numel()
         self.log("train/loss", loss, prog_bar=True)
@@ -88,7 +92,7 @@ class GPTLightningModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, targets = batch
-        _, loss = self.model(inputs, targets)
+        _, loss = self.model_forward(inputs, targets)
         self.val_loss.update(loss, weight=inputs.numel())
 
     def on_validation_epoch_end(self) -> None:
@@ -112,7 +116,10 @@ class GPTLightningModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("model")
-        current = self.hparams["model"]
+        # Fields added to GPTConfig later are missing from older checkpoints: their defaults.
+        defaults = {field.name: field.default for field in fields(GPTConfig)}
+        current = {**defaults, **self.hparams["model"]}
+        saved = None if saved is None else {**defaults, **saved}
         if saved is not None and saved != current:
             differences = ", ".join(
                 f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"

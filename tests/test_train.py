@@ -47,6 +47,7 @@ TINY = [
     "callbacks.inspection.sample_tokens=8",
     "callbacks.throughput.window_size=2",
     "module.warmup_steps=2",
+    "module.compile_model=false",  # compiling costs more than these few steps
 ]
 
 
@@ -175,6 +176,27 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
+def test_multirun_sweep_gives_each_run_its_own_folder(corpus, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_script(
+        "--multirun",
+        *tiny_overrides(corpus, sweep_dir, "trainer.max_steps=2", "trainer.val_check_interval=2"),
+        "module.learning_rate=1e-3,2e-3",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
+    learning_rates = [
+        torch.load(sweep_dir / job / "checkpoints" / "last.ckpt", weights_only=True)[
+            "hyper_parameters"
+        ]["learning_rate"]
+        for job in ("0", "1")
+    ]
+    assert learning_rates == [1e-3, 2e-3]
+
+
 # --- training behaviour ---------------------------------------------------------------------
 
 
@@ -220,6 +242,19 @@ def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, sign
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
+
+
+@pytest.mark.slow
+def test_compiled_training_keeps_checkpoint_names_and_inspects_eagerly(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(corpus, run_dir, "module.compile_model=true", "trainer.max_steps=3")
+    train(compose_run(overrides, run_dir))
+    weights = final_weights(run_dir / "checkpoints" / "last.ckpt")
+    assert "model.blocks.0.attn.qkv.weight" in weights
+    assert not any("_orig_mod" in key for key in weights)
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "attention/layer_0" in events.Tags()["images"]
 
 
 @pytest.mark.slow
@@ -295,7 +330,17 @@ def test_every_experiment_composes(corpus, tmp_path, experiment):
     + [
         (
             "model",
-            ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-mini", "gpt-micro", "gpt-nano"],
+            [
+                "gpt2",
+                "gpt2-medium",
+                "gpt2-large",
+                "gpt2-xl",
+                "gpt-mini",
+                "gpt-micro",
+                "gpt-nano",
+                "gpt-micro-modern",
+                "gpt2-modern",
+            ],
         )
     ],
 )
