@@ -8,32 +8,53 @@ Each step adds one idea to the step above it:
 4. ``MultiHeadAttentionWrapper``: several causal heads side by side, outputs concatenated.
 5. ``MultiHeadAttention``: the same computation as one fused module, running on
    ``F.scaled_dot_product_attention``, with an output projection and a key/value cache.
-   This is the module the GPT in ``llm.model`` uses.
+   This is the module the GPT in ``llm.model`` uses by default (GPT-2).
+6. ``GroupedQueryAttention``: fewer key/value heads than query heads, each shared by a group.
+7. ``RotaryAttention``: queries and keys rotated by position (RoPE) instead of learned
+   position embeddings.
+8. ``SlidingWindowAttention``: each token attends to at most the last ``window`` tokens.
+
+Steps 5 to 8 share one forward: each later step overrides one small method of it. The GPT
+uses the simplest step its config needs (``llm.model.attention_for``).
 
 Every step can return its attention weights (``return_weights=True``) so that the ladder can
 be inspected side by side. Shapes: B batch, T tokens, S key positions (T plus any cached
-ones), nh heads, hs head size.
+ones), nh heads, nkv key/value heads, hs head size.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 AttentionOutput = Tensor | tuple[Tensor, Tensor]
 
 
-def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = None) -> Tensor:
+def causal_mask(
+    num_queries: int,
+    num_keys: int,
+    device: torch.device | None = None,
+    window: int | None = None,
+) -> Tensor:
     """Boolean (T, S) mask, True where a query may attend to a key.
 
     The T queries are the last T of the S positions, so query i sits at position S - T + i and
-    sees keys 0 .. S - T + i. With T == S this is the usual lower triangle.
+    sees keys 0 .. S - T + i. With T == S this is the usual lower triangle. A ``window`` also
+    hides keys ``window`` or more positions back, leaving a band: keys S - T + i - window + 1
+    .. S - T + i.
     """
     ones = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device)
-    return ones.tril(diagonal=num_keys - num_queries)
+    mask = ones.tril(diagonal=num_keys - num_queries)
+    if window is not None:
+        mask &= ~ones.tril(diagonal=num_keys - num_queries - window)
+    return mask
 
 
 def scaled_attention_weights(queries: Tensor, keys: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -163,30 +184,63 @@ class KVCache:
     Storage for ``max_length`` positions is allocated at the first ``append``, with the batch
     size, heads, dtype and device of the keys it receives; later appends write in place and
     never copy the past. ``length`` is a Python int, so reading it never waits on the device.
+
+    It stores keys as the attention made them: with grouped-query attention (step 6) only the
+    nkv key/value heads, and with RoPE (step 7) keys already rotated at their true positions.
+
+    With a ``window`` (sliding-window attention, step 8) no query looks back ``window`` or more
+    positions, so only the last ``window - 1`` are kept, in position order: each append returns
+    them followed by the new ones and keeps the last ``window - 1`` of those (a copy of at most
+    ``window - 1`` positions per call). Memory stays bounded by the window however long the
+    text; ``length`` still counts every position seen, and ``max_length`` still bounds it.
     """
 
-    def __init__(self, max_length: int) -> None:
+    def __init__(self, max_length: int, window: int | None = None) -> None:
+        if window is not None and window <= 0:
+            raise ValueError(f"window must be a positive number of tokens, got {window}.")
         self.max_length = max_length
+        self.window = window
         self.length = 0
-        self.keys: Tensor | None = None  # (B, nh, max_length, hs) once allocated
+        self.keys: Tensor | None = None  # (B, nkv, max_length or window - 1, hs) once allocated
         self.values: Tensor | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the stored keys and values take."""
+        stored = (t for t in (self.keys, self.values) if t is not None)
+        return sum(t.numel() * t.element_size() for t in stored)
+
     def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Store (B, nh, T, hs) new keys and values; return all (B, nh, length, hs) so far."""
+        """Store (B, nkv, T, hs) new keys and values; return every (B, nkv, S, hs) one the new
+        queries may attend to, the new ones last: all so far, or those within the window."""
         end = self.length + keys.size(2)
         if end > self.max_length:
             raise ValueError(
                 f"KV cache is full: {end} positions do not fit its {self.max_length}; "
                 "start a new cache or crop the input."
             )
+        if self.window is not None:
+            return self._append_within_window(keys, values, end, self.window)
         if self.keys is None or self.values is None:
-            B, nh, _, hs = keys.shape
-            self.keys = keys.new_zeros(B, nh, self.max_length, hs)
-            self.values = values.new_zeros(B, nh, self.max_length, hs)
+            B, nkv, _, hs = keys.shape
+            self.keys = keys.new_zeros(B, nkv, self.max_length, hs)
+            self.values = values.new_zeros(B, nkv, self.max_length, hs)
         self.keys[:, :, self.length : end] = keys
         self.values[:, :, self.length : end] = values
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def _append_within_window(
+        self, keys: Tensor, values: Tensor, end: int, window: int
+    ) -> tuple[Tensor, Tensor]:
+        if self.keys is not None and self.values is not None:
+            keys = torch.cat([self.keys, keys], dim=2)  # (B, nkv, kept + T, hs)
+            values = torch.cat([self.values, values], dim=2)
+        first_kept = max(0, keys.size(2) - (window - 1))
+        self.keys = keys[:, :, first_kept:].clone()  # a copy: the rest can be freed
+        self.values = values[:, :, first_kept:].clone()
+        self.length = end
+        return keys, values
 
 
 class MultiHeadAttention(nn.Module):
@@ -203,6 +257,10 @@ class MultiHeadAttention(nn.Module):
 
     ``return_weights=True`` takes an explicit softmax path that builds the weights, for
     inspection only; training never uses it. Dropout acts only in training mode.
+
+    The forward runs in small methods that the next steps of the ladder override, so that one
+    forward serves them all: ``split_heads`` (step 6 makes fewer key/value heads), ``rotate``
+    (step 7 rotates by position), ``attention_mask`` and ``attend`` (step 8 limits the keys).
     """
 
     def __init__(
@@ -219,6 +277,7 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = _head_dim(d_out, num_heads)
         self.d_out = d_out
         self.num_heads = num_heads
+        self.num_kv_heads = num_heads  # every query head has its own key and value head
         self.context_length = context_length
         self.dropout = dropout
         self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
@@ -228,27 +287,243 @@ class MultiHeadAttention(nn.Module):
         self, x: Tensor, kv_cache: KVCache | None = None, return_weights: bool = False
     ) -> AttentionOutput:
         B, T, _ = x.shape
-        # (B, T, 3·d_out) -> three (B, T, nh, hs) -> (B, nh, T, hs)
-        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)
-        queries, keys, values = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        queries, keys, values = self.split_heads(self.qkv(x))  # (B, nh, T, hs), 2×(B, nkv, T, hs)
+        start = 0 if kv_cache is None else kv_cache.length  # position of the first new token
+        queries, keys = self.rotate(queries, keys, start)
         if kv_cache is not None:
-            keys, values = kv_cache.append(keys, values)  # (B, nh, S, hs)
-        S = keys.size(2)
+            keys, values = kv_cache.append(keys, values)  # (B, nkv, S, hs)
+        mask = self.attention_mask(T, keys.size(2), x.device)  # (T, S), or None: plain causal
         dropout_p = self.dropout if self.training else 0.0
 
         if return_weights:
-            weights = scaled_attention_weights(queries, keys, causal_mask(T, S, x.device))
+            group = self.num_heads // self.num_kv_heads  # query heads per key/value head
+            keys = keys.repeat_interleave(group, dim=1)  # (B, nh, S, hs)
+            values = values.repeat_interleave(group, dim=1)
+            explicit = causal_mask(T, T, x.device) if mask is None else mask
+            weights = scaled_attention_weights(queries, keys, explicit)  # (B, nh, T, S)
             context = F.dropout(weights, dropout_p) @ values  # (B, nh, T, hs)
         else:
-            # Without a cache T == S and the kernel's own causal masking is fastest. Queries that
-            # follow cached keys sit at positions S - T .. S - 1 and need an explicit mask.
-            mask = None if S == T else causal_mask(T, S, x.device)
-            context = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None
-            )  # (B, nh, T, hs)
+            context = self.attend(queries, keys, values, mask, dropout_p)  # (B, nh, T, hs)
         context = context.transpose(1, 2).reshape(B, T, self.d_out)  # heads side by side again
         output = self.out_proj(context)  # (B, T, d_out)
         return (output, weights) if return_weights else output
+
+    def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Fused projections (B, T, (nh + 2·nkv)·hs) -> queries (B, nh, T, hs), keys and values
+        (B, nkv, T, hs). The projection stacks every query head, then the keys, then the values;
+        here nkv == nh."""
+        B, T, _ = qkv.shape
+        kv_width = self.num_kv_heads * self.head_dim
+        parts = qkv.split([self.d_out, kv_width, kv_width], dim=-1)
+        queries, keys, values = (p.view(B, T, -1, self.head_dim).transpose(1, 2) for p in parts)
+        return queries, keys, values
+
+    def rotate(self, queries: Tensor, keys: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Position information for queries and keys (B, n, T, hs) of the tokens at positions
+        ``start`` .. ``start + T - 1``: none here, since the GPT adds learned position
+        embeddings to its input; step 7 rotates them."""
+        return queries, keys
+
+    def attention_mask(
+        self, num_queries: int, num_keys: int, device: torch.device
+    ) -> Tensor | None:
+        """The (T, S) mask of the keys each query may see, or None for the plain causal mask of
+        a whole sequence (T == S), which SDPA applies itself (``is_causal``) without building
+        it. Queries that follow cached keys sit at positions S - T .. S - 1 and need the mask."""
+        if num_queries == num_keys:
+            return None
+        return causal_mask(num_queries, num_keys, device)
+
+    def attend(
+        self, queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, dropout_p: float
+    ) -> Tensor:
+        """SDPA of queries (B, nh, T, hs) over keys and values (B, nkv, S, hs) -> (B, nh, T, hs).
+        With fewer key/value heads (step 6), ``enable_gqa`` lets each group of query heads read
+        its shared head without copying it."""
+        return F.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            attn_mask=mask,
+            dropout_p=dropout_p,
+            is_causal=mask is None,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+
+
+# --- Step 6 ---------------------------------------------------------------------------------
+
+
+class GroupedQueryAttention(MultiHeadAttention):
+    """Adds key/value heads shared by groups of query heads: grouped-query attention (GQA).
+
+    ``num_kv_heads`` key and value heads serve the ``num_heads`` query heads: query heads
+    g·k .. g·k + g - 1 (g = num_heads / num_kv_heads) all read key/value head k.
+    ``num_kv_heads == num_heads`` is multi-head attention; ``num_kv_heads == 1`` is multi-query
+    attention (MQA). The fused projection makes nh query heads but only nkv key and value heads,
+    so the KV cache, and the memory each decoded token reads from it, shrink by the factor g,
+    for a small loss of quality. SDPA runs it natively (``enable_gqa``); the explicit
+    ``return_weights`` path repeats each key/value head for its group. The weights have one
+    map per query head: (B, nh, T, S).
+    """
+
+    def __init__(self, *args: Any, num_kv_heads: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        num_kv_heads = self.num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads <= 0 or self.num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+                f"({num_kv_heads}): each key/value head serves a group of query heads."
+            )
+        self.num_kv_heads = num_kv_heads
+        # Queries keep their d_out rows; keys and values shrink to nkv heads each.
+        width = self.d_out + 2 * num_kv_heads * self.head_dim
+        self.qkv = nn.Linear(self.qkv.in_features, width, bias=self.qkv.bias is not None)
+
+
+# --- Step 7 ---------------------------------------------------------------------------------
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE): rotates pairs of a head's dimensions by position.
+
+    Dimension i is paired with i + hs/2 (the "rotate half" layout of GPT-NeoX and Llama), and
+    the pair at position m turns by the angle m·θ_i, θ_i = rope_theta^(-2i/hs): the first pairs
+    fast, the last slowly. A rotation keeps vector norms, and rotating a query at m and a key at
+    n gives q·k of the unrotated vectors with a rotation by n - m between them, so scores depend
+    on the distance only. The cos/sin of every angle up to ``max_positions`` are a
+    non-persistent buffer: derived from the config, never saved.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE rotates pairs of dimensions: head size {head_dim} is odd.")
+        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        self.register_buffer("cos", torch.empty(0), persistent=False)  # (max_positions, hs/2)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Compute the cos/sin tables (again, after building the module on the meta device)."""
+        half = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device="cpu")
+        inverse_frequency = self.theta ** (-half / self.head_dim)  # (hs/2,) θ_i
+        positions = torch.arange(self.max_positions, dtype=torch.float64, device="cpu")
+        angles = torch.outer(positions, inverse_frequency)  # (max_positions, hs/2)
+        device = None if self.cos.is_meta else self.cos.device
+        self.cos = angles.cos().float().to(device)
+        self.sin = angles.sin().float().to(device)
+
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        """x (..., T, hs) at positions start .. start + T - 1 -> rotated, same shape."""
+        T = x.size(-2)
+        if start + T > self.max_positions:
+            raise ValueError(
+                f"RoPE position {start + T - 1} is past the {self.max_positions} positions "
+                "it was built for."
+            )
+        cos = self.cos[start : start + T].to(x.dtype)  # (T, hs/2)
+        sin = self.sin[start : start + T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)  # (..., T, hs/2): the first and second member of each pair
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class RotaryAttention(GroupedQueryAttention):
+    """Adds rotary position embeddings: queries and keys are rotated by their position.
+
+    GPT-2 adds a learned vector per position to each token before the first layer; RoPE instead
+    rotates every query and key, in every layer, by angles proportional to the position (see
+    ``RotaryEmbedding``), so attention scores see relative distances and there are no position
+    parameters. Values are not rotated. With a KV cache, new tokens are rotated at their true
+    positions (``start``, the cache's length) before their keys are stored, so cached keys are
+    never touched again. ``rope_theta`` is the base of the angle frequencies (10000 as in
+    RoFormer; long-context models raise it); ``None`` keeps queries and keys unrotated, for a
+    model that keeps learned position embeddings but uses the other steps.
+    """
+
+    def __init__(self, *args: Any, rope_theta: float | None = 10000.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rope = (
+            None
+            if rope_theta is None
+            else RotaryEmbedding(self.head_dim, self.context_length, rope_theta)
+        )
+
+    def rotate(self, queries: Tensor, keys: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        if self.rope is None:
+            return queries, keys
+        return self.rope(queries, start), self.rope(keys, start)  # shapes unchanged
+
+
+# --- Step 8 ---------------------------------------------------------------------------------
+
+
+class SlidingWindowAttention(RotaryAttention):
+    """Adds a sliding window: each token attends to at most the last ``window`` tokens.
+
+    The causal mask becomes a band: query t sees keys t - window + 1 .. t. Attention then costs
+    O(T·window) instead of O(T²), and a KV cache built with ``KVCache(window=...)`` keeps only
+    the last ``window - 1`` positions, so generation memory stays bounded however long the text.
+    Stacked layers still pass information further back: after L layers a token can be
+    influenced by tokens up to L·(window - 1) positions back (Mistral's argument).
+
+    SDPA with a boolean band mask still computes every score and then hides most of them.
+    FlexAttention skips the blocks that lie wholly outside the band; it runs a whole sequence
+    (no cache, no dropout) where ``use_flex`` is True, or, by default (None), on CUDA. It needs
+    ``torch.compile`` and, on a CPU, computes no gradients, so CPU training uses SDPA.
+    """
+
+    def __init__(
+        self, *args: Any, window: int, use_flex: bool | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if window <= 0:
+            raise ValueError(f"window must be a positive number of tokens, got {window}.")
+        self.window = window
+        self.use_flex = use_flex
+
+    def attention_mask(
+        self, num_queries: int, num_keys: int, device: torch.device
+    ) -> Tensor | None:
+        if num_keys <= self.window:  # every key is within reach: the band hides nothing more
+            return super().attention_mask(num_queries, num_keys, device)
+        return causal_mask(num_queries, num_keys, device, window=self.window)
+
+    def attend(
+        self, queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, dropout_p: float
+    ) -> Tensor:
+        whole_band = mask is not None and queries.size(2) == keys.size(2) and dropout_p == 0.0
+        use_flex = queries.is_cuda if self.use_flex is None else self.use_flex
+        if whole_band and use_flex:
+            return flex_band_attention(queries, keys, values, self.window)
+        return super().attend(queries, keys, values, mask, dropout_p)
+
+
+# Inside a torch.compile'd model this runs as its own compiled call (a graph break): traced into
+# the model's graph, torch 2.13's CPU kernel computed wrong outputs for rotated queries/keys.
+@torch.compiler.disable
+def flex_band_attention(queries: Tensor, keys: Tensor, values: Tensor, window: int) -> Tensor:
+    """Sliding-window causal attention of a whole sequence by compiled FlexAttention, which
+    skips the (128 × 128) blocks outside the band (uncompiled, it would materialise every
+    score). The block mask is cached per length. Shapes as ``MultiHeadAttention.attend``."""
+    block_mask = _band_block_mask(window, queries.size(2), str(queries.device))
+    enable_gqa = keys.size(1) != queries.size(1)
+    return _compiled_flex_attention()(
+        queries, keys, values, block_mask=block_mask, enable_gqa=enable_gqa
+    )
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., Tensor]:
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _band_block_mask(window: int, length: int, device: str) -> BlockMask:
+    def band(batch: Tensor, head: Tensor, query: Tensor, key: Tensor) -> Tensor:
+        return (key <= query) & (query - key < window)
+
+    return create_block_mask(band, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
 
 
 @torch.no_grad()

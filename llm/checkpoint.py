@@ -28,7 +28,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from llm.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from llm.attention import RotaryEmbedding
+from llm.hf import (
+    check_exportable,
+    from_hf_config,
+    from_hf_state_dict,
+    to_hf_config,
+    to_hf_state_dict,
+)
 from llm.model import GPT, GPTConfig
 
 ACCEPTED = (
@@ -76,7 +83,9 @@ def save_model(model: GPT, path: str | Path, tokenizer: dict[str, Any]) -> None:
 def save_hf(model: GPT, folder: str | Path, eot_token: int | None = None) -> None:
     """Export ``model`` as a Hugging Face GPT-2 folder (``config.json`` and
     ``model.safetensors``) that ``transformers.GPT2LMHeadModel.from_pretrained`` loads;
-    ``eot_token`` becomes its end-of-sequence token."""
+    ``eot_token`` becomes its end-of-sequence token. Models with options GPT-2 lacks (grouped-
+    query attention, RoPE, sliding windows) raise a ValueError before anything is written."""
+    check_exportable(model.config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = to_hf_state_dict(_weights(model), model.config)
@@ -191,6 +200,9 @@ def _build_model(config: GPTConfig, state_dict: dict[str, Tensor], source: Path)
     weights = {name: tensor.float() for name, tensor in state_dict.items()}
     model.load_state_dict(weights, strict=False, assign=True)
     model.tie_weights()  # assign=True gave each module its own parameter object
+    for module in model.modules():  # buffers derived from the config are not in the file
+        if isinstance(module, RotaryEmbedding):
+            module.reset_buffers()
     return model
 
 

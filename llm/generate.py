@@ -5,13 +5,14 @@ the whole sequence; ``TextStream`` decodes tokens to text as they arrive and ``g
 continues a text prompt in one call.
 
 The cache makes each new token cost one token's forward pass, however long the text grows. The
-model's positions are learned, so a text longer than ``context_length`` cannot simply drop its
-oldest cached position: every kept token would move to a new position. When the window is full
-it therefore slides: the model keeps the last ``context_length // 2`` tokens and rebuilds the
-cache from them in one forward pass. That rebuild happens about once every
-``context_length / 2`` tokens, so its cost per token stays bounded. The no-cache path
-(``use_cache=False``) slides the same window and only recomputes it at every step, so both
-paths see the same tokens and produce the same text. Shapes: B batch, T tokens, V vocabulary.
+model's positions are learned (or, with RoPE, computed only up to ``context_length``), so a text
+longer than ``context_length`` cannot simply drop its oldest cached position: every kept token
+would move to a new position. When the window is full it therefore slides: the model keeps the
+last ``context_length // 2`` tokens and rebuilds the cache from them in one forward pass. That
+rebuild happens about once every ``context_length / 2`` tokens, so its cost per token stays
+bounded. The no-cache path (``use_cache=False``) slides the same window and only recomputes it
+at every step, so both paths see the same tokens and produce the same text. Shapes: B batch,
+T tokens, V vocabulary.
 """
 
 from __future__ import annotations

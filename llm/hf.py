@@ -10,6 +10,8 @@ The two models compute the same function with differently named and shaped weigh
   so exporting writes zeros, which computes the same thing.
 - GPT-2's ``attn.bias`` and ``attn.masked_bias`` are causal-mask buffers, not weights, and
   older checkpoints (such as OpenAI's own) omit the ``transformer.`` prefix.
+- GPT-2 has none of the modern attention options (grouped-query attention, rotary positions,
+  sliding windows): exporting a model that uses them raises a ValueError.
 
 This module only converts configs and state dicts; ``llm.checkpoint`` reads and writes the
 files. Shapes: C = n_embd, V vocabulary, Vp padded vocabulary.
@@ -46,9 +48,27 @@ TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which our model uses
 
 
+def check_exportable(config: GPTConfig) -> None:
+    """Raise a one-line ValueError if ``config`` uses an option that GPT-2 cannot express."""
+    if config.is_gpt2:
+        return
+    options = []
+    if config.kv_heads != config.n_head:
+        options.append(f"grouped-query attention (n_kv_head={config.kv_heads})")
+    if config.pos_embedding != "learned":
+        options.append(f"pos_embedding={config.pos_embedding!r}")
+    if any(w is not None and w < config.context_length for w in config.layer_windows):
+        options.append(f"sliding_window={config.sliding_window!r}")
+    raise ValueError(
+        f"a Hugging Face GPT-2 cannot express this model's {', '.join(options)}; save it with "
+        "llm.checkpoint.save_model (safetensors) instead"
+    )
+
+
 def to_hf_config(config: GPTConfig, eot_token: int | None = None) -> dict[str, Any]:
     """The ``config.json`` of a GPT-2 with ``config``'s sizes; ``eot_token``, if given, becomes
-    its begin- and end-of-sequence token."""
+    its begin- and end-of-sequence token. Raises ValueError for options GPT-2 lacks."""
+    check_exportable(config)
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -121,7 +141,9 @@ def weight_names(config: GPTConfig) -> dict[str, tuple[str, bool]]:
 
 
 def to_hf_state_dict(state_dict: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
-    """GPT-2 weights (``GPT2LMHeadModel`` names and shapes) from our model's state dict."""
+    """GPT-2 weights (``GPT2LMHeadModel`` names and shapes) from our model's state dict.
+    Raises ValueError for options GPT-2 lacks."""
+    check_exportable(config)
     hf = {}
     for ours, (theirs, transposed) in weight_names(config).items():
         if ours in state_dict:

@@ -3,22 +3,37 @@
 token + position embeddings -> n_layer × [LayerNorm -> attention -> add, LayerNorm -> MLP -> add]
 -> LayerNorm -> LM head (tied to the token embedding). Shapes: B batch, T tokens, C = n_embd,
 V vocabulary, nh heads.
+
+Options, all off by default (GPT-2): grouped-query attention (``n_kv_head``), rotary position
+embeddings instead of the learned table (``pos_embedding="rope"``) and sliding-window attention
+(``sliding_window``), from steps 6 to 8 of ``llm.attention``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llm.attention import KVCache, MultiHeadAttention
+from llm.attention import (
+    GroupedQueryAttention,
+    KVCache,
+    MultiHeadAttention,
+    RotaryAttention,
+    SlidingWindowAttention,
+)
 
 # Embedding and LM-head rows are padded to a multiple of this: matmuls whose sizes are multiples
 # of 64 hit the fast kernel paths on GPUs (50257 -> 50304 is ~25% faster in nanoGPT's runs).
 VOCAB_PAD_MULTIPLE = 64
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,12 @@ class GPTConfig:
     bias: bool = True  # biases in the LayerNorms, MLP and attention output projection
     qkv_bias: bool = True  # biases in the query/key/value projection
     tie_embeddings: bool = True  # the LM head reuses the token embedding matrix
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: n_head
+    pos_embedding: str = "learned"  # "learned" (a position table, GPT-2) or "rope" (rotary)
+    rope_theta: float = 10000.0  # RoPE's frequency base
+    # None (full causal attention), one window for every layer, or a list with one int or None
+    # per layer. Typed Any because OmegaConf cannot type a union with a list; checked below.
+    sliding_window: Any = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
@@ -47,6 +68,40 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+        kv = self.n_kv_head
+        if kv is not None and (not _is_positive_int(kv) or self.n_head % kv):
+            raise ValueError(
+                f"GPTConfig.n_head ({self.n_head}) must be divisible by n_kv_head ({kv!r}): "
+                "each key/value head serves a group of query heads."
+            )
+        if self.pos_embedding not in ("learned", "rope"):
+            raise ValueError(
+                f"GPTConfig.pos_embedding must be 'learned' or 'rope', got {self.pos_embedding!r}."
+            )
+        if self.pos_embedding == "rope" and self.head_size % 2:
+            raise ValueError(
+                f"GPTConfig with pos_embedding='rope' needs an even head size (n_embd / n_head), "
+                f"got {self.head_size}."
+            )
+        if isinstance(self.rope_theta, bool) or not (
+            isinstance(self.rope_theta, int | float) and self.rope_theta > 0
+        ):
+            raise ValueError(f"GPTConfig.rope_theta must be positive, got {self.rope_theta!r}.")
+        window = self.sliding_window
+        if isinstance(window, list | tuple):
+            if len(window) != self.n_layer:
+                raise ValueError(
+                    f"GPTConfig.sliding_window has {len(window)} entries but the model has "
+                    f"n_layer={self.n_layer}: give one window (or None) per layer."
+                )
+            bad = [w for w in window if w is not None and not _is_positive_int(w)]
+        else:
+            bad = [window] if window is not None and not _is_positive_int(window) else []
+        if bad:
+            raise ValueError(
+                f"GPTConfig.sliding_window must be None, a positive integer or a list of them "
+                f"(one per layer), got {bad[0]!r}."
+            )
 
     @property
     def padded_vocab_size(self) -> int:
@@ -55,6 +110,28 @@ class GPTConfig:
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per layer: ``n_kv_head``, or ``n_head`` when it is None."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's sliding window, None for full causal attention."""
+        if isinstance(self.sliding_window, list | tuple):
+            return list(self.sliding_window)
+        return [self.sliding_window] * self.n_layer
+
+    @property
+    def is_gpt2(self) -> bool:
+        """Whether this is a plain GPT-2 architecture: no option of ``llm.attention``'s steps
+        6-8 (what a Hugging Face GPT-2 can express)."""
+        return (
+            self.kv_heads == self.n_head
+            and self.pos_embedding == "learned"
+            and all(w is None or w >= self.context_length for w in self.layer_windows)
+        )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> GPTConfig:
@@ -77,6 +154,21 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt-mini": GPTConfig(n_layer=6, n_head=6, n_embd=192, context_length=256),
     "gpt-micro": GPTConfig(n_layer=4, n_head=4, n_embd=128, context_length=128),
     "gpt-nano": GPTConfig(n_layer=3, n_head=3, n_embd=48, context_length=64),
+    # Modern attention (llm.attention steps 6-8): rotary positions, grouped-query attention.
+    # gpt-micro's size, trains on a CPU in minutes; 2 key/value heads for 4 query heads.
+    "gpt-micro-modern": GPTConfig(
+        n_layer=4, n_head=4, n_kv_head=2, n_embd=128, context_length=128, pos_embedding="rope"
+    ),
+    # GPT-2 small's size for a GPU: 4 key/value heads for 12 query heads, and every other layer
+    # local (a 256-token window), as in Gemma 2. About 119M parameters.
+    "gpt2-modern": GPTConfig(
+        n_layer=12,
+        n_head=12,
+        n_kv_head=4,
+        n_embd=768,
+        pos_embedding="rope",
+        sliding_window=[256, None] * 6,
+    ),
 }
 
 
@@ -93,21 +185,39 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
+def attention_for(config: GPTConfig, layer: int) -> MultiHeadAttention:
+    """The attention of block ``layer``: the simplest step of the ladder that computes what the
+    config asks for (``MultiHeadAttention`` for GPT-2). Every step has the same weights'
+    names, so the options never rename GPT-2's."""
+    common: dict[str, Any] = {
+        "d_in": config.n_embd,
+        "d_out": config.n_embd,
+        "context_length": config.context_length,
+        "dropout": config.dropout,
+        "num_heads": config.n_head,
+        "qkv_bias": config.qkv_bias,
+        "proj_bias": config.bias,
+    }
+    rope_theta = config.rope_theta if config.pos_embedding == "rope" else None
+    window = config.layer_windows[layer]
+    if window is not None:
+        return SlidingWindowAttention(
+            **common, num_kv_heads=config.kv_heads, rope_theta=rope_theta, window=window
+        )
+    if rope_theta is not None:
+        return RotaryAttention(**common, num_kv_heads=config.kv_heads, rope_theta=rope_theta)
+    if config.kv_heads != config.n_head:
+        return GroupedQueryAttention(**common, num_kv_heads=config.kv_heads)
+    return MultiHeadAttention(**common)
+
+
 class Block(nn.Module):
     """One transformer block, pre-LayerNorm: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = MultiHeadAttention(
-            d_in=config.n_embd,
-            d_out=config.n_embd,
-            context_length=config.context_length,
-            dropout=config.dropout,
-            num_heads=config.n_head,
-            qkv_bias=config.qkv_bias,
-            proj_bias=config.bias,
-        )
+        self.attn = attention_for(config, layer)
         self.norm2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
@@ -133,9 +243,14 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.padded_vocab_size, config.n_embd)
-        self.position_embedding = nn.Embedding(config.context_length, config.n_embd)
+        # With RoPE, positions are rotations inside the attention: no table to learn.
+        self.position_embedding = (
+            nn.Embedding(config.context_length, config.n_embd)
+            if config.pos_embedding == "learned"
+            else None
+        )
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.final_norm = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.tie_weights()
@@ -164,9 +279,10 @@ class GPT(nn.Module):
 
     def new_kv_caches(self, max_length: int | None = None) -> list[KVCache]:
         """One empty cache per layer, for ``forward(..., kv_caches=...)``; ``max_length``
-        (default ``context_length``) bounds the positions they can hold."""
+        (default ``context_length``) bounds the positions they can hold. A sliding-window
+        layer's cache keeps only its window."""
         max_length = max_length or self.config.context_length
-        return [KVCache(max_length) for _ in self.blocks]
+        return [KVCache(max_length, window) for window in self.config.layer_windows]
 
     def forward(
         self,
@@ -196,6 +312,8 @@ class GPT(nn.Module):
         """Attention weights of every layer and head for token ids (B, T), for inspection.
 
         Returns (n_layer, B, n_head, T, T); row t holds how much token t attends to each token.
+        With grouped-query attention each query head has its map; with a sliding window the
+        maps are bands.
         """
         x = self._embed(idx, start=0)
         maps = []
@@ -205,7 +323,8 @@ class GPT(nn.Module):
         return torch.stack(maps)
 
     def _embed(self, idx: Tensor, start: int) -> Tensor:
-        """Token plus position embeddings for ids (B, T) at positions start .. start + T - 1."""
+        """Token plus position embeddings (none with RoPE) for ids (B, T) at positions
+        start .. start + T - 1."""
         if idx.dim() != 2:
             raise ValueError(f"Token ids must have shape (batch, tokens), got {tuple(idx.shape)}.")
         end = start + idx.size(1)
@@ -224,22 +343,27 @@ class GPT(nn.Module):
                     f"Token ids must lie in [0, {self.config.vocab_size}) for this model, got "
                     f"values in [{low}, {high}]; was the text encoded with another tokenizer?"
                 )
-        positions = torch.arange(start, end, device=idx.device)  # (T,)
-        return self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        x = self.token_embedding(idx)  # (B, T, C)
+        if self.position_embedding is not None:  # with RoPE the attention adds positions
+            x = x + self.position_embedding(torch.arange(start, end, device=idx.device))
+        return self.dropout(x)
 
     def num_params(self, include_position_embeddings: bool = True) -> int:
         """Parameters counted once each (tied weights once), without the vocabulary padding."""
         count = sum(p.numel() for p in self.parameters())
         padding_rows = self.config.padded_vocab_size - self.config.vocab_size
         count -= padding_rows * self.config.n_embd * (1 if self.config.tie_embeddings else 2)
-        if not include_position_embeddings:
+        if not include_position_embeddings and self.position_embedding is not None:
             count -= self.position_embedding.weight.numel()
         return count
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B:
         6·N for the weight matmuls plus 12·L·H·Q·T for attention over a full context, with N the
-        parameters other than position embeddings."""
+        parameters other than position embeddings. A sliding-window layer attends to at most its
+        window, so its T is the window; grouped-query attention does not change the count (each
+        query head still scores every key it sees)."""
         c = self.config
-        attention = 12 * c.n_layer * c.n_head * c.head_size * c.context_length
+        reach = sum(min(w or c.context_length, c.context_length) for w in c.layer_windows)
+        attention = 12 * c.n_head * c.head_size * reach  # reach = L·T without windows
         return 6 * self.num_params(include_position_embeddings=False) + attention

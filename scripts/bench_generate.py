@@ -2,6 +2,7 @@
 
     python scripts/bench_generate.py                 # 256 new tokens, all rows (a few minutes)
     python scripts/bench_generate.py --new-tokens 64 --skip-no-cache --threads 1
+    python scripts/bench_generate.py --modern        # modern attention tables instead (~2 min)
 
 Greedy decoding from a 16-token prompt, timed from the prompt to the last token, in these ways:
 our model with its KV cache (bf16 and fp32 weights), without the cache (the whole window
@@ -10,6 +11,12 @@ cache on, fp32 and bf16 weights) with the same weights, exported by ``llm.checkp
 Generation reads every weight once per token, so on a CPU it is bound by memory bandwidth: bf16
 weights halve the bytes read (and CPUs with AVX-512 BF16 or AMX multiply them natively). Prints
 a markdown table.
+
+``--modern`` prints two other tables instead. KV-cache memory and decode tokens/s of the
+124M model with ``n_kv_head`` in {12, 3, 1} (grouped-query attention), decoding after a long
+prompt so that the cache matters; and a sliding window against full attention at a long
+context (a 4096-token RoPE model): prefill time (SDPA band mask, and compiled FlexAttention,
+which skips the blocks outside the band) and decode speed and cache memory.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from llm.attention import SlidingWindowAttention
 from llm.checkpoint import save_hf
 from llm.generate import generate_tokens
 from llm.model import GPT, GPTConfig
@@ -52,9 +60,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy CPU"
     )
+    parser.add_argument("--modern", action="store_true", help="the modern attention tables")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.modern:
+        modern_attention_tables(args.new_tokens)
+        return
 
     import transformers  # the dev extra; imported here so --help works without it
 
@@ -107,6 +119,72 @@ def main() -> None:
         print(f"KV cache vs no cache (bf16 weights): {ratio:.1f}x (target >= 5x)")
     best = speeds["llm, KV cache, bf16 weights"]
     print(f"llm KV cache bf16 vs transformers fp32: {best / hf32:.2f}x (target >= 1.5x)")
+
+
+def decode(model: GPT, prompt: Tensor, new_tokens: int) -> tuple[float, float, int]:
+    """Prefill ``prompt`` into fresh KV caches, then greedily decode ``new_tokens`` one at a
+    time: (prefill seconds, decode tokens/s, KV-cache bytes at the end)."""
+    caches = model.new_kv_caches()
+    start = time.perf_counter()
+    logits, _ = model(prompt, kv_caches=caches)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        logits, _ = model(logits[:, -1:].argmax(-1), kv_caches=caches)
+    speed = new_tokens / (time.perf_counter() - start)
+    return prefill, speed, sum(cache.nbytes for cache in caches)
+
+
+def modern_attention_tables(new_tokens: int) -> None:
+    new_tokens = min(new_tokens, 64)
+    torch.manual_seed(0)
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; fp32\n")
+    prompt_length = 896
+    print(
+        f"Grouped-query attention: 124M GPT-2 (12 layers, 12 query heads), {prompt_length}-token "
+        f"prompt, then {new_tokens} tokens decoded one by one with the KV cache\n"
+    )
+    print("| n_kv_head | parameters | KV cache (MiB) | vs n_head | prefill (s) | decode tokens/s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    prompt = torch.randint(0, 50257, (1, prompt_length))
+    full_cache = None
+    for kv_heads in (12, 3, 1):
+        model = GPT(GPTConfig.from_preset("gpt2", n_kv_head=kv_heads)).eval()
+        with torch.inference_mode():
+            decode(model, prompt[:, :32], 4)  # warm-up
+            prefill, speed, cache = decode(model, prompt, new_tokens)
+        full_cache = full_cache or cache
+        print(
+            f"| {kv_heads} | {model.num_params() / 1e6:.1f}M | {cache / 2**20:.1f} | "
+            f"{cache / full_cache:.3f} | {prefill:.2f} | {speed:.1f} |",
+            flush=True,
+        )
+
+    context, window = 4096, 256
+    prompt = torch.randint(0, 50257, (1, context - new_tokens))
+    print(
+        f"\nSliding window: a RoPE model with 6 layers, 8 heads, 512 wide, context {context}; "
+        f"{prompt.size(1)}-token prompt, then {new_tokens} tokens decoded\n"
+    )
+    print("| attention | prefill kernel | prefill (s) | decode tokens/s | KV cache (MiB) |")
+    print("|---|---|---:|---:|---:|")
+    base = dict(n_layer=6, n_head=8, n_embd=512, context_length=context, pos_embedding="rope")
+    for name, options in (("full causal", {}), (f"window {window}", {"sliding_window": window})):
+        model = GPT(GPTConfig.from_preset("gpt2", **base, **options)).eval()
+        kernels = ["SDPA (is_causal)"] if not options else ["SDPA + band mask", "FlexAttention"]
+        for kernel in kernels:
+            for block in model.blocks:
+                if isinstance(block.attn, SlidingWindowAttention):
+                    block.attn.use_flex = kernel == "FlexAttention"
+            with torch.inference_mode():
+                if kernel == "FlexAttention":  # compile once, outside the timing
+                    model(prompt)
+                decode(model, prompt[:, :32], 4)  # warm-up
+                prefill, speed, cache = decode(model, prompt, new_tokens)
+            print(
+                f"| {name} | {kernel} | {prefill:.2f} | {speed:.1f} | {cache / 2**20:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

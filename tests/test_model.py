@@ -20,7 +20,8 @@ def test_gpt2_small_has_gpt2_parameter_count():
 def test_presets_build_and_differ():
     sizes = {name: (c.n_layer, c.n_head, c.n_embd) for name, c in PRESETS.items()}
     assert sizes["gpt2-xl"] == (48, 25, 1600)
-    assert len(set(sizes.values())) == len(sizes)
+    assert len({repr(config) for config in PRESETS.values()}) == len(PRESETS)  # all differ
+    assert sum(c.is_gpt2 for c in PRESETS.values()) == len(PRESETS) - 2  # two modern ones
     with pytest.raises(ValueError, match="Unknown model preset"):
         GPTConfig.from_preset("gpt5")
 
