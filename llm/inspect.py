@@ -1,9 +1,10 @@
-"""Pictures of attention: what each token attends to, as heat maps.
+"""Pictures of attention, what each token attends to as heat maps, and of training.
 
 - ``attention_figure``: one layer's maps, a panel per head, tokens labelled on both axes.
 - ``model_attention_figures``: those figures for every layer of a model reading a prompt.
 - ``ladder_figure``: one panel per step of the attention ladder (``llm.attention``) on a toy
   input, showing what each variant computes and what each step changes.
+- ``loss_curve_figure``: a training run's train and validation losses, from its TensorBoard logs.
 - ``save_figures``: figures to PNG files, a TensorBoard run, or both.
 
 Figures are built as ``matplotlib.figure.Figure`` objects rendered by the Agg backend, never
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
@@ -128,6 +130,32 @@ def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     )
     # "$" would start matplotlib's math mode.
     return [repr(text)[1:-1].replace("$", r"\$") for text in texts]
+
+
+def loss_curve_figure(
+    tensorboard_dir: str | Path, tags: tuple[str, ...] = ("train/loss", "val/loss")
+) -> Figure:
+    """The losses a training run logged to TensorBoard (``<run>/tensorboard``), against step."""
+    events = EventAccumulator(str(tensorboard_dir))
+    events.Reload()
+    missing = [tag for tag in tags if tag not in events.Tags()["scalars"]]
+    if missing:
+        raise ValueError(
+            f"{tensorboard_dir} holds no {', '.join(missing)} scalars: give the tensorboard "
+            "folder of a training run"
+        )
+    figure = Figure(figsize=(6.4, 3.6))
+    axes = figure.add_subplot()
+    for tag in tags:
+        points = events.Scalars(tag)
+        steps, values = [p.step for p in points], [p.value for p in points]
+        axes.plot(steps, values, label=tag, marker="o" if len(points) < 30 else None)
+    axes.set_xlabel("step")
+    axes.set_ylabel("cross-entropy (nats per token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    return figure
 
 
 def save_figures(

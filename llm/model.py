@@ -160,7 +160,7 @@ PRESETS: dict[str, GPTConfig] = {
         n_layer=4, n_head=4, n_kv_head=2, n_embd=128, context_length=128, pos_embedding="rope"
     ),
     # GPT-2 small's size for a GPU: 4 key/value heads for 12 query heads, and every other layer
-    # local (a 256-token window), as in Gemma 2. About 119M parameters.
+    # local (a 256-token window), as in Gemma 2. About 114M parameters.
     "gpt2-modern": GPTConfig(
         n_layer=12,
         n_head=12,
@@ -299,6 +299,14 @@ class GPT(nn.Module):
         x = self._embed(idx, start=kv_caches[0].length if kv_caches else 0)
         for layer, block in enumerate(self.blocks):
             x, _ = block(x, kv_cache=kv_caches[layer] if kv_caches else None)
+        return self.head(x, targets)
+
+    def head(self, x: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The last block's output (B, T, C) -> logits (B, T, V) and, given targets, the loss.
+
+        With GPT-2's vocabulary the logits are the largest tensor of a training step (80% of
+        the step of a 128-wide model on a CPU); ``torch.compile`` fuses the slice, softmax and
+        loss into one pass over them."""
         # The padded rows are never real tokens: dropping their logits keeps them out of the
         # softmax, so they are never sampled and never take probability mass in the loss.
         logits = self.lm_head(self.final_norm(x))[..., : self.config.vocab_size]  # (B, T, V)

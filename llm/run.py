@@ -3,7 +3,6 @@ datamodule, module, callbacks, logger and trainer, and fit."""
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
@@ -17,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from llm.callbacks import AtomicCheckpointIO, GracefulStop
+from llm.hardware import has_fast_bf16
 from llm.model import PRESETS, GPTConfig
 
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
@@ -83,21 +83,12 @@ def validate(cfg: DictConfig) -> None:
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist; give a .ckpt file.")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (AVX-512 BF16, AMX, or Arm's BF16)."""
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text()
-        return any(f" {flag}" in flags for flag in ("avx512_bf16", "amx_bf16", "bf16"))
-    return False
-
-
 def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     """``auto`` -> ``bf16-mixed`` where the hardware runs bf16 fast, else ``32-true``."""
     if precision != "auto":
         return precision
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    fast_bf16 = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_fast_bf16()
-    return "bf16-mixed" if fast_bf16 else "32-true"
+    return "bf16-mixed" if has_fast_bf16("cuda" if on_gpu else "cpu") else "32-true"
 
 
 def train(cfg: DictConfig) -> GracefulStop | None:

@@ -6,7 +6,9 @@
 Rows: a plain PyTorch loop in fp32 eager, with bf16 autocast, and with bf16 plus
 torch.compile; then the real Lightning path (GPTLightningModule + Trainer) in the same
 precision and compile setting as the last plain row. Every row trains the same model on the same
-random batches held in memory, so the table compares the step itself, not data loading.
+random batches held in memory, so the table compares the step itself, not data loading. A
+second table times the output head alone (the logits over the vocabulary and the loss), eager
+and compiled into one fused pass, and its share of the whole step.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def bf16_autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def plain_loop(
     config: GPTConfig,
     batches: list[torch.Tensor],
@@ -45,9 +51,7 @@ def plain_loop(
     if compile:
         model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    )
+    autocast = bf16_autocast(device) if bf16 else contextlib.nullcontext()
     times = []
     for step, batch in enumerate(batches):
         batch = batch.to(device, non_blocking=True)
@@ -59,6 +63,35 @@ def plain_loop(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def head_only(
+    config: GPTConfig,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    bf16: bool,
+    compile: bool,
+    warmup: int,
+) -> list[float]:
+    """Seconds of the output head alone (final norm, LM head over the vocabulary, loss),
+    forward and backward, on random hidden states."""
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    head = torch.compile(model.head) if compile else model.head
+    autocast = bf16_autocast(device) if bf16 else contextlib.nullcontext()
+    times = []
+    for step, batch in enumerate(batches):
+        targets = batch[:, 1:].to(device)
+        hidden = torch.randn(*targets.shape, config.n_embd, device=device, requires_grad=True)
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast:
+            _, loss = head(hidden, targets)
+        loss.backward()
         synchronize(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
@@ -165,6 +198,15 @@ def main() -> None:
         print(f"| {label} | {seconds:.3f} | {speed} | {mfu} |")
     ratio = results["plain loop, bf16 + compile"] / results["Lightning, bf16 + compile"]
     print(f"Lightning path at {ratio:.1%} of the plain loop's tokens/s (target >= 95%)")
+
+    print("\n| output head alone (final norm, LM head, loss), bf16 | s/step | share of the step |")
+    print("|---|---:|---:|")
+    for label, compile, step in (
+        ("eager", False, results["plain loop, bf16 autocast"]),
+        ("compiled: one fused pass", True, results["plain loop, bf16 + compile"]),
+    ):
+        seconds = statistics.median(head_only(config, batches, device, True, compile, args.warmup))
+        print(f"| {label} | {seconds:.3f} | {seconds / step:.0%} |")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from llm.checkpoint import load_model
 from llm.errors import one_line_errors
 from llm.generate import TextStream, encode_prompt, generate
+from llm.hardware import has_fast_bf16
 from llm.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,8 +41,8 @@ def read_prompt(cfg: DictConfig) -> str:
 def run(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ValueError("no model: give checkpoint=PATH (a .ckpt, .safetensors or GPT-2 folder)")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {cfg.num_samples}")
     if cfg.device == "auto":
@@ -55,7 +56,9 @@ def run(cfg: DictConfig) -> None:
             ) from None
     prompt = read_prompt(cfg)
     model, tokenizer_spec = load_model(cfg.checkpoint, device)
-    model.to(DTYPES[cfg.dtype])
+    # Decoding reads every weight once per token: bf16 weights halve that where bf16 is fast.
+    auto_dtype = "bfloat16" if has_fast_bf16(torch.device(device).type) else "float32"
+    model.to(DTYPES[auto_dtype if cfg.dtype == "auto" else cfg.dtype])
     tokenizer = load_tokenizer(**tokenizer_spec)
     idx = encode_prompt(tokenizer, prompt, model.config.context_length, device)
     generator = torch.Generator(device).manual_seed(cfg.seed)
@@ -85,7 +88,8 @@ def run(cfg: DictConfig) -> None:
         seconds = time.perf_counter() - start
         print(
             f"{num_tokens} tokens in {seconds:.2f} s: {num_tokens / seconds:.1f} tokens/s "
-            f"({device}, {cfg.dtype}, cache {'on' if cfg.use_cache else 'off'})",
+            f"({device}, {model.token_embedding.weight.dtype}, "
+            f"cache {'on' if cfg.use_cache else 'off'})",
             file=sys.stderr,
         )
 

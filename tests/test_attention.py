@@ -15,19 +15,7 @@ from llm.attention import (
     copy_wrapper_into_fused,
     simple_self_attention,
 )
-
-# The six-token example of the design notes: a 3-d embedding for each token of
-# "These are random words and embeddings".
-INPUTS = torch.tensor(
-    [
-        [0.35, 0.15, 0.89],
-        [0.97, 0.80, 0.30],
-        [0.65, 0.34, 0.24],
-        [0.20, 0.87, 0.34],
-        [0.86, 0.13, 0.05],
-        [0.10, 0.20, 0.30],
-    ]
-)
+from llm.inspect import TOY_INPUTS as INPUTS  # the six-token example of the design notes
 
 
 def hand_context_vector(inputs: torch.Tensor, query: int) -> list[float]:

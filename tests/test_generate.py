@@ -268,7 +268,12 @@ def test_generate_script_streams_the_generated_text_and_writes_no_files(tmp_path
     model = tiny_model()
     write_training_checkpoint(model, tmp_path / "model.ckpt")
     result = run_script(
-        "checkpoint=model.ckpt", "prompt=Hello", "max_new_tokens=30", "temperature=0", cwd=tmp_path
+        "checkpoint=model.ckpt",
+        "prompt=Hello",
+        "max_new_tokens=30",
+        "temperature=0",
+        "dtype=float32",  # the reference below runs in float32
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     expected = generate_text(model, load_tokenizer("bytes"), "Hello", 30, temperature=0)

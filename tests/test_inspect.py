@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 from matplotlib.figure import Figure
+from torch.utils.tensorboard import SummaryWriter
 
 from llm.inspect import (
     TOY_INPUTS,
@@ -16,6 +17,7 @@ from llm.inspect import (
     attention_figure,
     ladder_attention,
     ladder_figure,
+    loss_curve_figure,
     model_attention_figures,
     save_figures,
     token_labels,
@@ -153,3 +155,20 @@ def test_attention_script_reports_a_bad_checkpoint_in_one_line(tmp_path, monkeyp
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: model file") and err.count("\n") == 1
+
+
+def test_loss_curve_figure_draws_each_logged_loss(tmp_path: Path) -> None:
+    with SummaryWriter(str(tmp_path)) as writer:
+        for step in range(5):
+            writer.add_scalar("train/loss", 5.0 - step, step)
+        writer.add_scalar("val/loss", 4.5, 2)
+        writer.add_scalar("val/loss", 3.5, 4)
+    axes = loss_curve_figure(tmp_path).axes[0]
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert list(lines["train/loss"].get_ydata()) == [5.0, 4.0, 3.0, 2.0, 1.0]
+    assert list(lines["val/loss"].get_xdata()) == [2, 4]
+
+
+def test_loss_curve_figure_refuses_a_folder_without_losses(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="holds no train/loss, val/loss scalars"):
+        loss_curve_figure(tmp_path)

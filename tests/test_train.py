@@ -351,9 +351,9 @@ def test_every_group_option_composes(corpus, tmp_path, group, options):
 
 
 def test_precision_auto_resolves_to_bf16_only_where_fast(monkeypatch):
-    monkeypatch.setattr("llm.run.cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr("llm.hardware.cpu_has_fast_bf16", lambda: True)
     assert resolve_precision("auto", "cpu") == "bf16-mixed"
-    monkeypatch.setattr("llm.run.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("llm.hardware.cpu_has_fast_bf16", lambda: False)
     assert resolve_precision("auto", "cpu") == "32-true"
     assert resolve_precision("16-mixed", "cpu") == "16-mixed"
 
