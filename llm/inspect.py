@@ -136,6 +136,10 @@ def loss_curve_figure(
     tensorboard_dir: str | Path, tags: tuple[str, ...] = ("train/loss", "val/loss")
 ) -> Figure:
     """The losses a training run logged to TensorBoard (``<run>/tensorboard``), against step."""
+    if not Path(tensorboard_dir).is_dir():
+        raise FileNotFoundError(
+            f"no TensorBoard logs at {tensorboard_dir}: give a training run's output folder"
+        )
     events = EventAccumulator(str(tensorboard_dir))
     events.Reload()
     missing = [tag for tag in tags if tag not in events.Tags()["scalars"]]

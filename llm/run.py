@@ -4,10 +4,8 @@ datamodule, module, callbacks, logger and trainer, and fit."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -16,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from llm.callbacks import AtomicCheckpointIO, GracefulStop
+from llm.checks import INTEGER, NUMBER, Check, check_values, non_negative, positive
 from llm.hardware import has_fast_bf16
 from llm.model import PRESETS, GPTConfig
 
@@ -36,42 +35,27 @@ def register_model_presets() -> None:
         store.store(group="model", name=name, node=node)
 
 
-def _positive(value: Any) -> bool:
-    return value > 0
-
-
-def _non_negative(value: Any) -> bool:
-    return value >= 0
-
-
-# (config key, expected type, test, what the test asks for)
-CHECKS: list[tuple[str, type, Callable[[Any], bool], str]] = [
-    ("seed", int, _non_negative, "a non-negative integer"),
-    ("trainer.max_steps", int, _positive, "a positive integer"),
-    ("trainer.val_check_interval", int, _positive, "a positive integer (steps)"),
-    ("trainer.log_every_n_steps", int, _positive, "a positive integer"),
-    ("trainer.accumulate_grad_batches", int, _positive, "a positive integer"),
-    ("trainer.gradient_clip_val", float, _non_negative, "a non-negative number"),
-    ("data.batch_size", int, _positive, "a positive integer"),
-    ("data.num_workers", int, _non_negative, "a non-negative integer"),
-    ("data.val_fraction", float, lambda v: 0 < v < 1, "a number between 0 and 1"),
-    ("module.learning_rate", float, _positive, "a positive number"),
-    ("module.min_lr", float, _non_negative, "a non-negative number"),
-    ("module.warmup_steps", int, _non_negative, "a non-negative integer"),
-    ("module.weight_decay", float, _non_negative, "a non-negative number"),
+# Every number the run depends on, checked before anything is built.
+CHECKS: list[Check] = [
+    ("seed", INTEGER, non_negative, "a non-negative integer"),
+    ("trainer.max_steps", INTEGER, positive, "a positive integer"),
+    ("trainer.val_check_interval", INTEGER, positive, "a positive integer (steps)"),
+    ("trainer.log_every_n_steps", INTEGER, positive, "a positive integer"),
+    ("trainer.accumulate_grad_batches", INTEGER, positive, "a positive integer"),
+    ("trainer.gradient_clip_val", NUMBER, non_negative, "a non-negative number"),
+    ("data.batch_size", INTEGER, positive, "a positive integer"),
+    ("data.num_workers", INTEGER, non_negative, "a non-negative integer"),
+    ("data.val_fraction", NUMBER, lambda v: 0 < v < 1, "a number between 0 and 1"),
+    ("module.learning_rate", NUMBER, positive, "a positive number"),
+    ("module.min_lr", NUMBER, non_negative, "a non-negative number"),
+    ("module.warmup_steps", INTEGER, non_negative, "a non-negative integer"),
+    ("module.weight_decay", NUMBER, non_negative, "a non-negative number"),
 ]
 
 
 def validate(cfg: DictConfig) -> None:
     """Fail before any work, with one line naming the key and the fix, on an impossible value."""
-    for key, kind, test, wanted in CHECKS:
-        value = OmegaConf.select(cfg, key, throw_on_missing=True)
-        # bool is an int in Python, and an int is a fine float.
-        ok_type = isinstance(value, kind) and not isinstance(value, bool)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok_type = True
-        if not ok_type or not test(value):
-            raise ValueError(f"{key} must be {wanted}, got {value!r}; override it as {key}=...")
+    check_values(cfg, CHECKS)
     if not cfg.data.get("source"):
         raise ValueError(
             "data.source is not set: give a text file, a folder or a glob, "

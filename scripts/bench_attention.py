@@ -26,6 +26,7 @@ from llm.attention import (
     SelfAttention,
     simple_self_attention,
 )
+from llm.errors import one_line_errors
 
 
 def raw_sdpa(fused: MultiHeadAttention) -> Callable[[Tensor], Tensor]:
@@ -133,4 +134,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

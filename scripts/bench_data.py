@@ -25,6 +25,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from llm.errors import one_line_errors
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 T = TypeVar("T")
@@ -135,4 +137,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from llm.attention import SlidingWindowAttention
 from llm.checkpoint import save_hf
+from llm.errors import one_line_errors
 from llm.generate import generate_tokens
 from llm.model import GPT, GPTConfig
 
@@ -62,6 +63,8 @@ def main() -> None:
     )
     parser.add_argument("--modern", action="store_true", help="the modern attention tables")
     args = parser.parse_args()
+    if args.new_tokens < 1:
+        parser.error(f"--new-tokens must be at least 1, got {args.new_tokens}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.modern:
@@ -188,4 +191,5 @@ def modern_attention_tables(new_tokens: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

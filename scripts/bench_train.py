@@ -24,6 +24,7 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader, TensorDataset
 
+from llm.errors import one_line_errors
 from llm.model import GPT, GPTConfig
 from llm.training import GPTLightningModule
 
@@ -210,4 +211,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -15,12 +15,34 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llm.checkpoint import load_model
+from llm.checks import (
+    BOOLEAN,
+    INTEGER,
+    NUMBER,
+    OPTIONAL_INTEGER,
+    OPTIONAL_NUMBER,
+    Check,
+    check_values,
+    non_negative,
+    positive,
+)
 from llm.errors import one_line_errors
 from llm.generate import TextStream, encode_prompt, generate
 from llm.hardware import has_fast_bf16
 from llm.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+CHECKS: list[Check] = [
+    ("num_samples", INTEGER, positive, "a positive integer"),
+    ("max_new_tokens", INTEGER, positive, "a positive integer"),
+    ("temperature", NUMBER, non_negative, "a non-negative number (0 is greedy)"),
+    ("top_k", OPTIONAL_INTEGER, lambda v: v is None or v >= 1, "a positive integer or null"),
+    ("top_p", OPTIONAL_NUMBER, lambda v: v is None or 0 < v <= 1, "a number in (0, 1] or null"),
+    ("seed", INTEGER, non_negative, "a non-negative integer"),
+    ("use_cache", BOOLEAN, lambda v: True, "true or false"),
+    ("show_speed", BOOLEAN, lambda v: True, "true or false"),
+]
 
 
 def read_prompt(cfg: DictConfig) -> str:
@@ -43,8 +65,7 @@ def run(cfg: DictConfig) -> None:
         raise ValueError("no model: give checkpoint=PATH (a .ckpt, .safetensors or GPT-2 folder)")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {cfg.num_samples}")
+    check_values(cfg, CHECKS)
     if cfg.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:

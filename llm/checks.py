@@ -1,0 +1,36 @@
+"""Checking a Hydra config's values before any work, so that a mistyped or impossible value
+fails at once with one line naming the key and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# (config key, the types it may have, a test of its value, what the test asks for in words)
+Check = tuple[str, tuple[type, ...], Callable[[Any], bool], str]
+
+INTEGER = (int,)
+NUMBER = (int, float)  # an int is a fine float
+OPTIONAL_INTEGER = (int, type(None))
+OPTIONAL_NUMBER = (int, float, type(None))
+BOOLEAN = (bool,)
+
+
+def positive(value: Any) -> bool:
+    return value > 0
+
+
+def non_negative(value: Any) -> bool:
+    return value >= 0
+
+
+def check_values(cfg: DictConfig, checks: Iterable[Check]) -> None:
+    """Raise a one-line ValueError for the first value of ``cfg`` that fails its check."""
+    for key, types, test, wanted in checks:
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        # bool is an int in Python, but never a number of steps or a learning rate.
+        right_type = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+        if not right_type or not test(value):
+            raise ValueError(f"{key} must be {wanted}, got {value!r}; override it as {key}=...")

@@ -1,0 +1,47 @@
+"""Every script answers bad input with one line naming the problem, never a traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "arguments", "message"),
+    [
+        ("bench_train.py", ["--preset", "gpt5"], "Unknown model preset 'gpt5'"),
+        ("bench_attention.py", ["--heads", "5"], "must be divisible by num_heads (5)"),
+        ("bench_data.py", ["--text", "missing.txt"], "missing.txt"),
+        ("bench_generate.py", ["--new-tokens", "0"], "--new-tokens must be at least 1"),
+        ("plot_run.py", ["missing-run", "--png", "pictures"], "no TensorBoard logs at"),
+        ("attention.py", ["model", "missing.ckpt", "Hello", "--png", "maps"], "not found"),
+        ("prepare_data.py", ["missing.txt", "--tokenizer", "bytes"], "not found"),
+        ("generate.py", ["checkpoint=missing.ckpt", "prompt=Hi"], "model file missing.ckpt"),
+        (
+            "generate.py",
+            ["checkpoint=missing.ckpt", "prompt=Hi", "max_new_tokens=many"],
+            "max_new_tokens must be a positive integer, got 'many'",
+        ),
+        (
+            "generate.py",
+            ["checkpoint=missing.ckpt", "prompt=Hi", "top_p=2"],
+            "top_p must be a number in (0, 1] or null, got 2",
+        ),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, script, arguments, message):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *arguments],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode in (1, 2), result.stderr  # 2: argparse's own usage errors
+    assert "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
