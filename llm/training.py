@@ -63,6 +63,7 @@ class GPTLightningModule(L.LightningModule):
         self.check_finite_every = check_finite_every
         self.val_loss = MeanMetric()
         # Set once the batch shape is known; ThroughputMonitor reads it to compute MFU.
+        self.flops_per_token = self.model.flops_per_token()
         self.flops_per_batch: int | None = None
         # Counts non-finite losses on the device; read on the host only every
         # `check_finite_every` steps so that training never waits for the GPU to report it.
@@ -81,7 +82,7 @@ class GPTLightningModule(L.LightningModule):
         inputs, targets = batch
         _, loss = self.model_forward(inputs, targets)
         self.nonfinite_losses += (~torch.isfinite(loss.detach())).long()
-        self.flops_per_batch = self.model.flops_per_token() * inputs.numel()
+        self.flops_per_batch = self.flops_per_token * inputs.numel()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])  # a float: no device read
         return loss
