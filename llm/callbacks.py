@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from llm.generate import generate_text
-from llm.inspect import attention_figure
+from llm.inspect import model_attention_figures
 
 
 class TokenThroughputMonitor(ThroughputMonitor):
@@ -68,15 +68,9 @@ class InspectionLogger(L.Callback):
         if tensorboard is None:
             return
         model, tokenizer, step = pl_module.model, trainer.datamodule.tokenizer, trainer.global_step
-        probe = tokenizer.encode(self.probe_text)[
-            : min(self.max_probe_tokens, model.config.context_length)
-        ]
-        labels = [tokenizer.decode([token]) for token in probe]
-        idx = torch.tensor([probe], device=pl_module.device)
-        with torch.no_grad():
-            maps = model.attention_weights(idx)  # (n_layer, 1, n_head, T, T)
-        for layer, weights in enumerate(maps[:, 0].float().cpu()):
-            figure = attention_figure(weights, labels, title=f"layer {layer}, step {step}")
+        max_tokens = min(self.max_probe_tokens, model.config.context_length)
+        figures = model_attention_figures(model, tokenizer, self.probe_text, max_tokens)
+        for layer, figure in enumerate(figures.values()):
             tensorboard.experiment.add_figure(f"attention/layer_{layer}", figure, step, close=True)
 
         generator = torch.Generator(device=pl_module.device).manual_seed(step)

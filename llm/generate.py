@@ -178,10 +178,16 @@ class TextStream:
 
 
 def encode_prompt(
-    tokenizer: Tokenizer, prompt: str, context_length: int, device: torch.device | str = "cpu"
+    tokenizer: Tokenizer,
+    prompt: str,
+    context_length: int,
+    device: torch.device | str = "cpu",
+    max_tokens: int | None = None,
 ) -> Tensor:
-    """The prompt's token ids (1, T), checked to be non-empty and to fit the context."""
-    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+    """The prompt's token ids (1, T), checked to be non-empty and to fit the context; with
+    ``max_tokens``, only its first ``max_tokens`` tokens."""
+    ids = tokenizer.encode(prompt)[:max_tokens]
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
     if idx.numel() == 0:
         raise ValueError("the prompt is empty: give some text to continue")
     _check_prompt_length(idx, context_length)

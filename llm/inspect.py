@@ -62,11 +62,14 @@ def attention_figure(weights: Tensor, tokens: list[str], title: str = "") -> Fig
     return _maps_figure(maps, tokens, columns=math.ceil(math.sqrt(len(maps))), title=title)
 
 
-def model_attention_figures(model: GPT, tokenizer: Tokenizer, prompt: str) -> dict[str, Figure]:
-    """``attention_figure`` of every layer of ``model`` reading ``prompt``, by name
-    (``layer_00``, ``layer_01``, ...)."""
+def model_attention_figures(
+    model: GPT, tokenizer: Tokenizer, prompt: str, max_tokens: int | None = None
+) -> dict[str, Figure]:
+    """``attention_figure`` of every layer of ``model`` reading ``prompt`` (its first
+    ``max_tokens`` tokens, if given), by name (``layer_00``, ``layer_01``, ...)."""
     device = model.token_embedding.weight.device
-    idx = encode_prompt(tokenizer, prompt, model.config.context_length, device)  # (1, T)
+    context_length = model.config.context_length
+    idx = encode_prompt(tokenizer, prompt, context_length, device, max_tokens)  # (1, T)
     maps = model.attention_weights(idx)[:, 0]  # (n_layer, n_head, T, T)
     tokens = token_labels(tokenizer, idx[0].tolist())
     return {
