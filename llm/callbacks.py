@@ -1,41 +1,99 @@
-"""Lightning callbacks and plugins for training: inspection, graceful stops, safe checkpoints."""
+"""Lightning callbacks and plugins for training: throughput, inspection, stops, checkpoints."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 
 from llm.generate import generate_text
+from llm.hardware import peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
 
 
-class TokenThroughputMonitor(ThroughputMonitor):
-    """Lightning's ThroughputMonitor for ``(inputs, targets)`` token batches: it logs samples/s,
-    tokens/s (``items_per_sec``) and, where the device's peak is known, MFU from the module's
-    ``flops_per_batch``. Rates are averaged over the last ``window_size`` steps, and first
-    logged once that many have run."""
+class TokenThroughputMonitor(L.Callback):
+    """Logs training throughput to every logger: tokens/s (``train/device/items_per_sec``),
+    samples/s, batches/s and, where the device's dense peak is known (``llm.hardware.peak_flops``),
+    MFU (``train/device/mfu``) from the module's ``flops_per_batch``. Lightning's ``Throughput``
+    does the arithmetic, over the last ``window_size`` logging steps; validation time is left out.
 
-    def __init__(self, window_size: int = 20, **kwargs: Any) -> None:
-        super().__init__(
-            batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size, **kwargs
+    Lightning's own ThroughputMonitor waits for the GPU after every batch to time it, so the GPU
+    idles while the host launches the next step. This one waits only on the steps that log
+    (every ``trainer.log_every_n_steps``), where logging the loss waits for the GPU anyway; the
+    rates are the same, because each reading covers every batch since the previous one.
+    """
+
+    def __init__(self, window_size: int = 5) -> None:
+        self.window_size = window_size
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        device = trainer.strategy.root_device
+        self.throughput = Throughput(
+            available_flops=peak_flops(device, precision_dtype(str(trainer.precision))),
+            world_size=trainer.world_size,
+            window_size=self.window_size,
         )
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.throughput.reset()
+        self._batches = self._samples = self._tokens = self._flops_since_reading = 0
+        self._seconds_before, self._started, self._paused = 0.0, time.perf_counter(), False
 
-def _batch_size(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
-    return batch[0].size(0)
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        batch_idx: int,
+    ) -> None:
+        inputs = batch[0]  # (B, T)
+        self._batches += 1
+        self._samples += inputs.size(0)
+        self._tokens += inputs.numel()
+        self._flops_since_reading += getattr(pl_module, "flops_per_batch", None) or 0
+        optimizer_stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        logs = trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+        if not (optimizer_stepped and logs and trainer.is_global_zero):
+            return
+        self.throughput.update(
+            time=self._seconds_before + self._elapsed(trainer),
+            batches=self._batches,
+            samples=self._samples,
+            lengths=self._tokens,
+            flops=self._flops_since_reading or None,
+        )
+        self._flops_since_reading = 0
+        metrics = {f"train/{name}": value for name, value in self.throughput.compute().items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._seconds_before += self._elapsed(trainer)
+            self._paused = True
 
-def _batch_tokens(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
-    return batch[0].numel()
+    def on_train_batch_start(self, *args: Any) -> None:
+        # Restart the clock after a validation here, not when it ends: callbacks that run at its
+        # end (inspection, checkpoints) are not training either.
+        if self._paused:
+            self._started, self._paused = time.perf_counter(), False
+
+    def _elapsed(self, trainer: L.Trainer) -> float:
+        """Training seconds since the last (re)start, once the device has finished its work."""
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - self._started
 
 
 class InspectionLogger(L.Callback):

@@ -1,4 +1,4 @@
-"""What the hardware runs fast, for choosing precision by default."""
+"""What the hardware runs fast and how fast: for choosing precision by default, and for MFU."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -22,3 +23,32 @@ def has_fast_bf16(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return device_type == "cpu" and cpu_has_fast_bf16()
+
+
+# Dense peak FLOP/s for chips that Lightning's table (get_available_flops) misses or lists with
+# 2:4 sparsity: its H200 entries are the datasheet's sparse figures, and the SXM part, which
+# names itself plainly "NVIDIA H200", matches none of them. The SXM part computes at the
+# H100 SXM's rates; the NVL part at 1671 / 2 TFLOP/s in bf16.
+_DENSE_PEAK_FLOPS: dict[str, dict[torch.dtype, float]] = {
+    "h200 nvl": {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, torch.float32: 60e12},
+    "h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 66.9e12},
+}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's dense peak FLOP/s in ``dtype`` for MFU, or None where it is unknown (CPUs)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for chip, peaks in _DENSE_PEAK_FLOPS.items():
+            if chip in name:
+                return peaks.get(dtype)
+    return get_available_flops(device, dtype)
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype matmuls run in under a Lightning precision setting such as ``bf16-mixed``."""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32

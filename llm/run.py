@@ -63,6 +63,11 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.module.min_lr > cfg.module.learning_rate:
         raise ValueError("module.min_lr must not exceed module.learning_rate.")
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.accelerator={cfg.trainer.accelerator} but torch sees no CUDA GPU here; "
+            "use trainer=auto or trainer=cpu, or install a CUDA build of torch."
+        )
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist; give a .ckpt file.")
 

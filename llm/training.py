@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
@@ -134,6 +135,24 @@ class GPTLightningModule(L.LightningModule):
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip here rather than through Lightning's precision plugin, which refuses a fused
+        optimizer under any mixed precision (with fp16 its gradients would still be scaled; bf16
+        has no scaling) and clipping by norm under FSDP (each rank holds a shard)."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm == "value":  # element by element: right for shards too
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+        elif isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)  # the norm over every shard
+        else:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+
     def configure_optimizers(self) -> dict[str, Any]:
         # Decay weight matrices (linear and embedding weights) only: biases and LayerNorm gains
         # set offsets and scales, and pulling them towards zero only hurts.
@@ -146,8 +165,9 @@ class GPTLightningModule(L.LightningModule):
             groups,
             lr=self.learning_rate,
             betas=self.betas,
-            # One kernel for all parameters on CUDA instead of a loop over them.
-            fused=self.device.type == "cuda",
+            # One kernel for all parameters on CUDA instead of a loop over them; not under fp16
+            # loss scaling, where Lightning must unscale the gradients before clipping them.
+            fused=self.device.type == "cuda" and not str(self.trainer.precision).startswith("16"),
         )
         max_steps = self.trainer.max_steps
         if max_steps is None or max_steps <= 0:

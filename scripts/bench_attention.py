@@ -2,9 +2,12 @@
 
     python scripts/bench_attention.py            # a small size that runs in seconds on a CPU
     python scripts/bench_attention.py --gpt2     # B=8, T=1024, d=768, 12 heads
+    python scripts/bench_attention.py --gpt2 --tokens 4096 --window 256   # sliding window
 
 Prints one row per implementation with its median time in fp32 and under bf16 autocast, and
-its time relative to raw SDPA with the same projections.
+its time relative to raw SDPA with the same projections. With ``--window``, the rows are
+instead RoPE attention with a full causal mask against a sliding window computed by SDPA with
+a band mask and by FlexAttention (forward only on a CPU, where FlexAttention has no gradients).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -23,7 +27,9 @@ from llm.attention import (
     CausalAttention,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,
+    RotaryAttention,
     SelfAttention,
+    SlidingWindowAttention,
     simple_self_attention,
 )
 from llm.errors import one_line_errors
@@ -66,18 +72,39 @@ def implementations(
     }
 
 
+def window_implementations(
+    d: int, heads: int, tokens: int, window: int, device: str
+) -> dict[str, Callable[[Tensor], Tensor]]:
+    """Full causal RoPE attention, and the same weights with a sliding window by each kernel."""
+    full = RotaryAttention(d, d, tokens, dropout=0.0, num_heads=heads).to(device)
+    band, flex = (
+        SlidingWindowAttention(
+            d, d, tokens, dropout=0.0, num_heads=heads, window=window, use_flex=use_flex
+        ).to(device)
+        for use_flex in (False, True)
+    )
+    band.load_state_dict(full.state_dict())
+    flex.load_state_dict(full.state_dict())
+    return {
+        "RoPE attention, full causal (SDPA)": full,
+        f"window {window}, SDPA + band mask": band,
+        f"window {window}, FlexAttention": flex,
+    }
+
+
 def time_forward_backward(
-    attend: Callable[[Tensor], Tensor], x: Tensor, bf16: bool, repeats: int
+    attend: Callable[[Tensor], Tensor], x: Tensor, bf16: bool, repeats: int, backward: bool = True
 ) -> float:
-    """Median seconds of one forward and backward pass."""
+    """Median seconds of one forward and (unless ``backward`` is False) backward pass."""
     autocast = (
         torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     )
 
     def step() -> None:
-        with autocast:
+        with autocast, torch.set_grad_enabled(backward):
             out = attend(x)
-        out.float().sum().backward()
+        if backward:
+            out.float().sum().backward()
 
     times = []
     for i in range(repeats + 2):  # two warm-up passes, not timed
@@ -98,38 +125,64 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--gpt2", action="store_true", help="B=8, T=1024, d=768, 12 heads")
+    parser.add_argument(
+        "--gpt2", action="store_true", help="B=8, d=768, 12 heads, and T=1024 unless --tokens"
+    )
+    parser.add_argument("--window", type=int, help="compare sliding-window kernels instead")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.gpt2:
-        args.batch, args.tokens, args.dim, args.heads = 8, 1024, 768, 12
+        tokens_given = any(arg.startswith("--tokens") for arg in sys.argv[1:])
+        args.batch, args.dim, args.heads = 8, 768, 12
+        args.tokens = args.tokens if tokens_given else 1024
+    if args.window is not None and not 0 < args.window < args.tokens:
+        parser.error(f"--window must be between 1 and --tokens - 1, got {args.window}")
 
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.tokens, args.dim, device=args.device, requires_grad=True)
+    backward = args.window is None or x.is_cuda
+    if args.window is None:
+        attends = implementations(args.dim, args.heads, args.tokens, args.device)
+        baseline = "raw SDPA, same projections"
+    else:
+        attends = window_implementations(
+            args.dim, args.heads, args.tokens, args.window, args.device
+        )
+        baseline = next(iter(attends))
     rows = {}
-    for name, attend in implementations(args.dim, args.heads, args.tokens, args.device).items():
-        rows[name] = [time_forward_backward(attend, x, bf16, args.repeats) for bf16 in (0, 1)]
+    for name, attend in attends.items():
+        rows[name] = [
+            time_forward_backward(attend, x, bf16, args.repeats, backward) for bf16 in (0, 1)
+        ]
 
     threads = torch.get_num_threads()
     device_name = torch.cuda.get_device_name() if x.is_cuda else f"CPU, {threads} threads"
     print(
-        f"forward+backward, B={args.batch} T={args.tokens} d={args.dim} heads={args.heads}, "
-        f"{device_name}, torch {torch.__version__}, median of {args.repeats}"
+        f"{'forward+backward' if backward else 'forward only'}, B={args.batch} T={args.tokens} "
+        f"d={args.dim} heads={args.heads}, {device_name}, torch {torch.__version__}, "
+        f"median of {args.repeats}"
     )
-    raw = rows["raw SDPA, same projections"]
-    print(f"| {'implementation':<30} | fp32 ms | bf16 ms | fp32 vs raw SDPA | bf16 vs raw SDPA |")
-    print(f"|{'-' * 32}|--------:|--------:|-----------------:|-----------------:|")
+    short = "raw SDPA" if args.window is None else "full causal"
+    print(f"| {'implementation':<36} | fp32 ms | bf16 ms | fp32 vs {short} | bf16 vs {short} |")
+    print(f"|{'-' * 38}|--------:|--------:|{'-' * (len(short) + 10)}:|{'-' * (len(short) + 10)}:|")
+    base = rows[baseline]
     for name, (fp32, bf16) in rows.items():
         print(
-            f"| {name:<30} | {fp32 * 1e3:7.1f} | {bf16 * 1e3:7.1f} "
-            f"| {fp32 / raw[0]:15.2f}x | {bf16 / raw[1]:15.2f}x |"
+            f"| {name:<36} | {fp32 * 1e3:7.1f} | {bf16 * 1e3:7.1f} "
+            f"| {fp32 / base[0]:{len(short) + 7}.2f}x | {bf16 / base[1]:{len(short) + 7}.2f}x |"
         )
+    if args.window is not None:
+        band, flex = list(attends.values())[1:]
+        with torch.no_grad():
+            difference = (band(x) - flex(x)).abs().max().item()
+        print(f"FlexAttention vs SDPA + band mask, fp32 outputs: max |difference| {difference:.1e}")
+        return
     fused, wrapper = rows["5 MultiHeadAttention (fused)"], rows["4 MultiHeadAttentionWrapper"]
     for i, precision in enumerate(("fp32", "bf16")):
         print(
             f"{precision}: fused is {wrapper[i] / fused[i]:.2f}x faster than the wrapper "
-            f"(target >= 2x) and {100 * (fused[i] / raw[i] - 1):+.1f}% vs raw SDPA (target <= +5%)"
+            f"(target >= 2x) and {100 * (fused[i] / base[i] - 1):+.1f}% vs raw SDPA (target <= +5%)"
         )
 
 

@@ -5,26 +5,31 @@
 
 Rows: a plain PyTorch loop in fp32 eager, with bf16 autocast, and with bf16 plus
 torch.compile; then the real Lightning path (GPTLightningModule + Trainer) in the same
-precision and compile setting as the last plain row. Every row trains the same model on the same
-random batches held in memory, so the table compares the step itself, not data loading. A
-second table times the output head alone (the logits over the vocabulary and the loss), eager
-and compiled into one fused pass, and its share of the whole step.
+precision and compile setting as the last plain row, and on a GPU the same with Lightning's
+ThroughputMonitor (which waits for the GPU after every step) or llm's TokenThroughputMonitor
+(which waits only on logging steps). Each row is timed over all its steps after the warm-up as
+one span, so the host may run ahead of the GPU as in real training. Every row trains the same
+model on the same random batches held in memory, so the table compares the step itself, not
+data loading. A second table times the output head alone (the logits over the vocabulary and
+the loss), eager and compiled into one fused pass, and its share of the whole step.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
+import functools
 import time
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import ThroughputMonitor
 from torch.utils.data import DataLoader, TensorDataset
 
+from llm.callbacks import TokenThroughputMonitor
 from llm.errors import one_line_errors
+from llm.hardware import peak_flops
 from llm.model import GPT, GPTConfig
 from llm.training import GPTLightningModule
 
@@ -45,7 +50,7 @@ def plain_loop(
     bf16: bool,
     compile: bool,
     warmup: int,
-) -> list[float]:
+) -> float:
     """Seconds per optimizer step of the least code that trains the model."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
@@ -53,21 +58,18 @@ def plain_loop(
         model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     autocast = bf16_autocast(device) if bf16 else contextlib.nullcontext()
-    times = []
-    for step, batch in enumerate(batches):
+    clock = StepClock(device, warmup, len(batches))
+    for batch in batches:
+        clock.batch_start()
         batch = batch.to(device, non_blocking=True)
-        synchronize(device)
-        start = time.perf_counter()
         with autocast:
             _, loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+        clock.batch_end()
+    return clock.seconds_per_step()
 
 
 def head_only(
@@ -77,42 +79,59 @@ def head_only(
     bf16: bool,
     compile: bool,
     warmup: int,
-) -> list[float]:
+) -> float:
     """Seconds of the output head alone (final norm, LM head over the vocabulary, loss),
     forward and backward, on random hidden states."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
     head = torch.compile(model.head) if compile else model.head
     autocast = bf16_autocast(device) if bf16 else contextlib.nullcontext()
-    times = []
-    for step, batch in enumerate(batches):
-        targets = batch[:, 1:].to(device)
-        hidden = torch.randn(*targets.shape, config.n_embd, device=device, requires_grad=True)
-        synchronize(device)
-        start = time.perf_counter()
+    shape = (*batches[0][:, 1:].shape, config.n_embd)  # (B, T, C)
+    hidden = [torch.randn(shape, device=device, requires_grad=True) for _ in batches]
+    clock = StepClock(device, warmup, len(batches))
+    for batch, states in zip(batches, hidden, strict=True):
+        clock.batch_start()
         with autocast:
-            _, loss = head(hidden, targets)
+            _, loss = head(states, batch[:, 1:].to(device, non_blocking=True))
         loss.backward()
-        synchronize(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+        clock.batch_end()
+    return clock.seconds_per_step()
 
 
-class StepTimer(L.Callback):
-    """Times each training batch from its start to its end, as the plain loop does."""
+class StepClock:
+    """Times the steps after ``warmup`` as one span, waiting for the device only at its two
+    ends, so the host may run ahead of the GPU as it does in real training."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.times, self._start = warmup, [], 0.0
+    def __init__(self, device: torch.device, warmup: int, steps: int) -> None:
+        self.device, self.warmup, self.steps = device, warmup, steps
+        self.step, self.start, self.seconds = 0, 0.0, 0.0
 
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        synchronize(trainer.strategy.root_device)
-        self._start = time.perf_counter()
+    def batch_start(self) -> None:
+        if self.step == self.warmup:
+            synchronize(self.device)
+            self.start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        synchronize(trainer.strategy.root_device)
-        if trainer.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self._start)
+    def batch_end(self) -> None:
+        self.step += 1
+        if self.step == self.steps:
+            synchronize(self.device)
+            self.seconds = time.perf_counter() - self.start
+
+    def seconds_per_step(self) -> float:
+        return self.seconds / (self.steps - self.warmup)
+
+
+class ClockCallback(L.Callback):
+    """``StepClock`` inside a Lightning Trainer (stopped before the Trainer's teardown)."""
+
+    def __init__(self, clock: StepClock) -> None:
+        self.clock = clock
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.clock.batch_start()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.clock.batch_end()
 
 
 def lightning_loop(
@@ -122,8 +141,10 @@ def lightning_loop(
     bf16: bool,
     compile: bool,
     warmup: int,
-) -> list[float]:
-    """Seconds per optimizer step through GPTLightningModule and a Lightning Trainer."""
+    monitor: L.Callback | None = None,
+) -> float:
+    """Seconds per optimizer step through GPTLightningModule and a Lightning Trainer, logging
+    every 10 steps as the default config does, with ``monitor`` as an extra callback."""
     torch.manual_seed(0)
     module = GPTLightningModule(
         model=config.to_dict(), tokenizer={"name": "gpt2", "path": None}, compile_model=compile
@@ -133,7 +154,7 @@ def lightning_loop(
         TensorDataset(data[:, :, :-1].flatten(0, 1), data[:, :, 1:].flatten(0, 1)),
         batch_size=batches[0].size(0),
     )
-    timer = StepTimer(warmup)
+    clock = StepClock(device, warmup, len(batches))
     trainer = L.Trainer(
         accelerator=device.type,
         devices=1,
@@ -141,14 +162,15 @@ def lightning_loop(
         max_steps=len(batches),
         gradient_clip_val=1.0,
         logger=False,
+        log_every_n_steps=10,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[timer],
+        callbacks=[ClockCallback(clock), *([monitor] if monitor else [])],
     )
     trainer.fit(module, train_dataloaders=loader)
-    return timer.times
+    return clock.seconds_per_step()
 
 
 def main() -> None:
@@ -170,7 +192,7 @@ def main() -> None:
         for _ in range(steps)
     ]
     flops_per_step = GPT(config).flops_per_token() * args.batch * args.tokens
-    peak = get_available_flops(device, torch.bfloat16)
+    peak = peak_flops(device, torch.bfloat16)
 
     rows = [
         ("plain loop, fp32 eager", plain_loop, False, False),
@@ -178,6 +200,22 @@ def main() -> None:
         ("plain loop, bf16 + compile", plain_loop, True, True),
         ("Lightning, bf16 + compile", lightning_loop, True, True),
     ]
+    if device.type == "cuda":  # on a CPU every step ends with the work done: nothing to wait for
+        stock = ThroughputMonitor(lambda batch: batch[0].size(0), lambda batch: batch[0].numel())
+        rows += [
+            (
+                "Lightning + its ThroughputMonitor (waits every step)",
+                functools.partial(lightning_loop, monitor=stock),
+                True,
+                True,
+            ),
+            (
+                "Lightning + llm's TokenThroughputMonitor",
+                functools.partial(lightning_loop, monitor=TokenThroughputMonitor()),
+                True,
+                True,
+            ),
+        ]
     name = (
         torch.cuda.get_device_name()
         if device.type == "cuda"
@@ -185,18 +223,18 @@ def main() -> None:
     )
     print(
         f"{args.preset}, B={args.batch} T={args.tokens}, {name}, torch {torch.__version__}, "
-        f"median of {args.steps} steps after {args.warmup} warm-up steps"
+        f"mean of {args.steps} steps after {args.warmup} warm-up steps"
     )
     print("| training step | s/step | tokens/s | vs fp32 eager | MFU |")
     print("|---|---:|---:|---:|---:|")
     results = {}
     for label, loop, bf16, compile in rows:
-        seconds = statistics.median(loop(config, batches, device, bf16, compile, args.warmup))
+        seconds = loop(config, batches, device, bf16, compile, args.warmup)
         results[label] = seconds
         base = results["plain loop, fp32 eager"]
         mfu = f"{flops_per_step / seconds / peak:.1%}" if peak else "n/a"
         speed = f"{args.batch * args.tokens / seconds:,.0f} | {base / seconds:.2f}x"
-        print(f"| {label} | {seconds:.3f} | {speed} | {mfu} |")
+        print(f"| {label} | {seconds:.4f} | {speed} | {mfu} |", flush=True)
     ratio = results["plain loop, bf16 + compile"] / results["Lightning, bf16 + compile"]
     print(f"Lightning path at {ratio:.1%} of the plain loop's tokens/s (target >= 95%)")
 
@@ -206,8 +244,8 @@ def main() -> None:
         ("eager", False, results["plain loop, bf16 autocast"]),
         ("compiled: one fused pass", True, results["plain loop, bf16 + compile"]),
     ):
-        seconds = statistics.median(head_only(config, batches, device, True, compile, args.warmup))
-        print(f"| {label} | {seconds:.3f} | {seconds / step:.0%} |")
+        seconds = head_only(config, batches, device, True, compile, args.warmup)
+        print(f"| {label} | {seconds:.4f} | {seconds / step:.0%} |")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from itertools import pairwise
 from pathlib import Path
 
@@ -15,9 +16,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from llm.callbacks import TokenThroughputMonitor
+from llm.hardware import peak_flops, precision_dtype
 from llm.run import register_model_presets, resolve_precision, train
 from llm.training import GPTLightningModule, NonFiniteLossError, warmup_cosine
 
@@ -165,6 +169,8 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
         f"ckpt_path={tmp_path / 'missing.ckpt'}": "does not exist",
         "data=text": "data.source",
     }
+    if not torch.cuda.is_available():
+        cases["trainer=gpu"] = "torch sees no CUDA GPU"
     for override, message in cases.items():
         result = run_script("tokenizer.name=bytes", override, f"hydra.run.dir={tmp_path / 'run'}")
         assert result.returncode != 0, override
@@ -382,3 +388,102 @@ def test_weight_decay_only_on_weight_matrices():
     named = dict(module.model.named_parameters())
     assert any(p is named["blocks.0.norm1.weight"] for p in plain["params"])
     assert any(p is named["blocks.0.attn.qkv.bias"] for p in plain["params"])
+
+
+class RecordMetrics(Logger):
+    """A logger that keeps every metrics dict it is given, by step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: dict[int, dict[str, float]] = {}
+
+    name, version = "record", 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.setdefault(step, {}).update(metrics)
+
+    def log_hyperparams(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+class SlowValidationEnd(L.Callback):
+    def on_validation_end(self, *args: object) -> None:
+        time.sleep(1.0)
+
+
+def test_throughput_monitor_reads_the_clock_only_on_logging_steps():
+    B, T, steps = 4, 8, 8
+    module = GPTLightningModule(
+        model={"vocab_size": 50, "context_length": T, "n_layer": 1, "n_head": 2, "n_embd": 8},
+        tokenizer={"name": "bytes", "path": None},
+    )
+    tokens = torch.randint(0, 50, (steps * B, T + 1))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=B
+    )
+    logger = RecordMetrics()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        log_every_n_steps=3,
+        val_check_interval=4,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=logger,
+        callbacks=[TokenThroughputMonitor(window_size=2), SlowValidationEnd()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    readings = {step: m for step, m in logger.logged.items() if "train/lengths" in m}
+    assert sorted(readings) == [3, 6]
+    assert readings[6]["train/lengths"] == 6 * B * T and readings[6]["train/samples"] == 6 * B
+    assert "train/device/items_per_sec" not in readings[3]  # a window of 2 needs 2 readings
+    seconds = readings[6]["train/time"] - readings[3]["train/time"]
+    assert readings[6]["train/device/items_per_sec"] == pytest.approx(3 * B * T / seconds)
+    flops = 3 * module.flops_per_batch
+    assert readings[6]["train/device/flops_per_sec"] == pytest.approx(flops / seconds)
+    assert "train/device/mfu" not in readings[6]  # no known peak for a CPU
+    assert seconds < 1.0  # the validation at step 4, and the 1 s after it, are left out
+
+
+def test_peak_flops_are_dense_and_known_for_the_h200(monkeypatch):
+    cuda = torch.device("cuda")
+    for name, peak in [("NVIDIA H200", 989.4e12), ("NVIDIA H100 80GB HBM3", 989.4e12)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops(cuda, torch.bfloat16) == pytest.approx(peak)
+    assert peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    assert precision_dtype("bf16-mixed") is torch.bfloat16
+    assert precision_dtype("32-true") is torch.float32
+
+
+def test_fused_optimizer_with_bf16_clips_gradients(monkeypatch):
+    # Lightning's bf16-mixed plugin refuses to clip for a fused optimizer: the module clips.
+    # The optimizer is fused on the CPU here, as it is on CUDA.
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: adamw(*a, **{**kw, "fused": True}))
+    B, T = 4, 8
+    module = GPTLightningModule(
+        model={"vocab_size": 50, "context_length": T, "n_layer": 1, "n_head": 2, "n_embd": 8},
+        tokenizer={"name": "bytes", "path": None},
+    )
+    tokens = torch.randint(0, 50, (2 * B, T + 1))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=B
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_steps=2,
+        gradient_clip_val=1e-6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == 2
+    assert trainer.optimizers[0].defaults["fused"]
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    assert grads and torch.nn.utils.get_total_norm(grads) <= 1e-6 * 1.01
