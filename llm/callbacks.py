@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -94,6 +95,19 @@ class TokenThroughputMonitor(L.Callback):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - self._started
+
+
+class LossProgressBar(TQDMProgressBar):
+    """Lightning's TQDM progress bar, showing the training loss read only when the bar redraws
+    (every ``refresh_rate`` steps). Logged with ``prog_bar=True``, the loss would be read after
+    every step, and every step would wait for the GPU."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            metrics["train/loss"] = f"{loss.item():.3f}"
+        return metrics
 
 
 class InspectionLogger(L.Callback):

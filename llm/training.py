@@ -84,8 +84,12 @@ class GPTLightningModule(L.LightningModule):
         _, loss = self.model_forward(inputs, targets)
         self.nonfinite_losses += (~torch.isfinite(loss.detach())).long()
         self.flops_per_batch = self.flops_per_token * inputs.numel()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])  # a float: no device read
+        # Neither value is read on the host here: Lightning turns every prog_bar value into a
+        # number after each step (a wait for the GPU), so LossProgressBar reads the loss only when
+        # it redraws; and a Python float would become a GPU tensor (a copy the GPU waits for),
+        # so the learning rate is logged as a CPU tensor.
+        self.log("train/loss", loss)
+        self.log("train/lr", torch.tensor(self.lr_schedulers().get_last_lr()[0]))
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from llm.callbacks import TokenThroughputMonitor
+from llm.callbacks import LossProgressBar, TokenThroughputMonitor
 from llm.hardware import peak_flops, precision_dtype
 from llm.run import register_model_presets, resolve_precision, train
 from llm.training import GPTLightningModule, NonFiniteLossError, warmup_cosine
@@ -487,3 +487,51 @@ def test_fused_optimizer_with_bf16_clips_gradients(monkeypatch):
     assert trainer.optimizers[0].defaults["fused"]
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     assert grads and torch.nn.utils.get_total_norm(grads) <= 1e-6 * 1.01
+
+
+class CountHostReads(L.Callback):
+    """Counts ``Tensor.item`` calls (each one waits for the GPU there) once training starts."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch, self.reads = monkeypatch, 0
+
+    def on_train_start(self, *args: object) -> None:
+        item = torch.Tensor.item
+
+        def counted(tensor: torch.Tensor) -> object:
+            self.reads += 1
+            return item(tensor)
+
+        self.monkeypatch.setattr(torch.Tensor, "item", counted)
+
+
+def test_training_steps_read_the_device_only_every_few_steps(monkeypatch, tmp_path):
+    # On CUDA every read of a device value waits for the GPU; training must not read every step.
+    adamw = torch.optim.AdamW  # fused, as on CUDA (the CPU's unfused AdamW reads its step count)
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: adamw(*a, **{**kw, "fused": True}))
+    B, T, steps = 4, 8, 40
+    module = GPTLightningModule(
+        model={"vocab_size": 50, "context_length": T, "n_layer": 1, "n_head": 2, "n_embd": 8},
+        tokenizer={"name": "bytes", "path": None},
+    )
+    tokens = torch.randint(0, 50, (steps * B, T + 1))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=B
+    )
+    counter = CountHostReads(monkeypatch)
+    logger = RecordMetrics()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        log_every_n_steps=10,
+        gradient_clip_val=1.0,
+        logger=logger,
+        callbacks=[counter, LossProgressBar(refresh_rate=10), TokenThroughputMonitor()],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    assert counter.reads <= steps // 10 * 4, counter.reads  # a few values per logging step
+    assert sorted(s for s, m in logger.logged.items() if "train/loss" in m) == [9, 19, 29, 39]
+    factor = warmup_cosine(39, module.warmup_steps, steps, module.min_lr / module.learning_rate)
+    assert logger.logged[39]["train/lr"] == pytest.approx(module.learning_rate * factor, rel=1e-6)
