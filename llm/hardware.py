@@ -28,7 +28,7 @@ def has_fast_bf16(device_type: str) -> bool:
 # Dense peak FLOP/s for chips that Lightning's table (get_available_flops) misses or lists with
 # 2:4 sparsity: its H200 entries are the datasheet's sparse figures, and the SXM part, which
 # names itself plainly "NVIDIA H200", matches none of them. The SXM part computes at the
-# H100 SXM's rates; the NVL part at 1671 / 2 TFLOP/s in bf16.
+# H100 SXM's rates; the NVL part at 1671 / 2 TFLOP/s in bf16. Matched in this order.
 _DENSE_PEAK_FLOPS: dict[str, dict[torch.dtype, float]] = {
     "h200 nvl": {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, torch.float32: 60e12},
     "h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 66.9e12},
