@@ -39,8 +39,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bf16_autocast(device: torch.device) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device``, or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def plain_loop(
@@ -57,12 +58,11 @@ def plain_loop(
     if compile:
         model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    autocast = bf16_autocast(device) if bf16 else contextlib.nullcontext()
     clock = StepClock(device, warmup, len(batches))
     for batch in batches:
         clock.batch_start()
         batch = batch.to(device, non_blocking=True)
-        with autocast:
+        with autocast(device, bf16):
             _, loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -85,13 +85,12 @@ def head_only(
     torch.manual_seed(0)
     model = GPT(config).to(device)
     head = torch.compile(model.head) if compile else model.head
-    autocast = bf16_autocast(device) if bf16 else contextlib.nullcontext()
     shape = (*batches[0][:, 1:].shape, config.n_embd)  # (B, T, C)
     hidden = [torch.randn(shape, device=device, requires_grad=True) for _ in batches]
     clock = StepClock(device, warmup, len(batches))
     for batch, states in zip(batches, hidden, strict=True):
         clock.batch_start()
-        with autocast:
+        with autocast(device, bf16):
             _, loss = head(states, batch[:, 1:].to(device, non_blocking=True))
         loss.backward()
         clock.batch_end()

@@ -356,6 +356,38 @@ def test_every_group_option_composes(corpus, tmp_path, group, options):
         assert cfg[group] is not None
 
 
+# --- the Lightning module on its own, with a tiny model and random tokens -------------------
+
+TINY_CONTEXT = 8
+
+
+def tiny_module() -> GPTLightningModule:
+    return GPTLightningModule(
+        model={
+            "vocab_size": 50,
+            "context_length": TINY_CONTEXT,
+            "n_layer": 1,
+            "n_head": 2,
+            "n_embd": 8,
+        },
+        tokenizer={"name": "bytes", "path": None},
+    )
+
+
+def token_batches(steps: int, batch_size: int) -> torch.utils.data.DataLoader:
+    """``steps`` batches of random (inputs, targets) windows for ``tiny_module``."""
+    tokens = torch.randint(0, 50, (steps * batch_size, TINY_CONTEXT + 1))
+    dataset = torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:])
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+
+
+@pytest.fixture
+def fused_adamw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AdamW fused on the CPU too, as the module makes it on CUDA."""
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: adamw(*a, **{**kw, "fused": True}))
+
+
 def test_precision_auto_resolves_to_bf16_only_where_fast(monkeypatch):
     monkeypatch.setattr("llm.hardware.cpu_has_fast_bf16", lambda: True)
     assert resolve_precision("auto", "cpu") == "bf16-mixed"
@@ -375,10 +407,7 @@ def test_warmup_then_cosine_to_min_lr():
 
 
 def test_weight_decay_only_on_weight_matrices():
-    module = GPTLightningModule(
-        model={"vocab_size": 50, "context_length": 8, "n_layer": 1, "n_head": 2, "n_embd": 8},
-        tokenizer={"name": "bytes", "path": None},
-    )
+    module = tiny_module()
     module.trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False)
     optimizer = module.configure_optimizers()["optimizer"]
     decayed, plain = optimizer.param_groups
@@ -412,15 +441,9 @@ class SlowValidationEnd(L.Callback):
 
 
 def test_throughput_monitor_reads_the_clock_only_on_logging_steps():
-    B, T, steps = 4, 8, 8
-    module = GPTLightningModule(
-        model={"vocab_size": 50, "context_length": T, "n_layer": 1, "n_head": 2, "n_embd": 8},
-        tokenizer={"name": "bytes", "path": None},
-    )
-    tokens = torch.randint(0, 50, (steps * B, T + 1))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=B
-    )
+    B, T, steps = 4, TINY_CONTEXT, 8
+    module = tiny_module()
+    loader = token_batches(steps, B)
     logger = RecordMetrics()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -458,20 +481,11 @@ def test_peak_flops_are_dense_and_known_for_the_h200(monkeypatch):
     assert precision_dtype("32-true") is torch.float32
 
 
-def test_fused_optimizer_with_bf16_clips_gradients(monkeypatch):
+def test_fused_optimizer_with_bf16_clips_gradients(fused_adamw):
     # Lightning's bf16-mixed plugin refuses to clip for a fused optimizer: the module clips.
-    # The optimizer is fused on the CPU here, as it is on CUDA.
-    adamw = torch.optim.AdamW
-    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: adamw(*a, **{**kw, "fused": True}))
-    B, T = 4, 8
-    module = GPTLightningModule(
-        model={"vocab_size": 50, "context_length": T, "n_layer": 1, "n_head": 2, "n_embd": 8},
-        tokenizer={"name": "bytes", "path": None},
-    )
-    tokens = torch.randint(0, 50, (2 * B, T + 1))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=B
-    )
+    B = 4
+    module = tiny_module()
+    loader = token_batches(2, B)
     trainer = L.Trainer(
         accelerator="cpu",
         precision="bf16-mixed",
@@ -505,19 +519,12 @@ class CountHostReads(L.Callback):
         self.monkeypatch.setattr(torch.Tensor, "item", counted)
 
 
-def test_training_steps_read_the_device_only_every_few_steps(monkeypatch, tmp_path):
+def test_training_steps_read_the_device_only_every_few_steps(monkeypatch, fused_adamw):
     # On CUDA every read of a device value waits for the GPU; training must not read every step.
-    adamw = torch.optim.AdamW  # fused, as on CUDA (the CPU's unfused AdamW reads its step count)
-    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: adamw(*a, **{**kw, "fused": True}))
-    B, T, steps = 4, 8, 40
-    module = GPTLightningModule(
-        model={"vocab_size": 50, "context_length": T, "n_layer": 1, "n_head": 2, "n_embd": 8},
-        tokenizer={"name": "bytes", "path": None},
-    )
-    tokens = torch.randint(0, 50, (steps * B, T + 1))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=B
-    )
+    # (The fused AdamW matters: the CPU's unfused one reads its step count every step.)
+    B, steps = 4, 40
+    module = tiny_module()
+    loader = token_batches(steps, B)
     counter = CountHostReads(monkeypatch)
     logger = RecordMetrics()
     trainer = L.Trainer(
