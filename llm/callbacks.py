@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -16,10 +16,13 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
-from llm.generate import generate_text
+from llm.files import atomic_path
+from llm.generate import check_sampling, generate_text
 from llm.hardware import peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
+from llm.tokenizer import Tokenizer
 
 
 class TokenThroughputMonitor(L.Callback):
@@ -35,6 +38,10 @@ class TokenThroughputMonitor(L.Callback):
     """
 
     def __init__(self, window_size: int = 5) -> None:
+        if window_size < 2:
+            raise ValueError(
+                f"window_size must be at least 2 (a rate needs two readings), got {window_size}"
+            )
         self.window_size = window_size
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -124,6 +131,13 @@ class InspectionLogger(L.Callback):
         temperature: float = 0.8,
         top_k: int | None = 50,
     ) -> None:
+        # Checked here, before any training, rather than at the first validation.
+        if not probe_text or max_probe_tokens < 1 or sample_tokens < 0:
+            raise ValueError(
+                "needs a probe_text, max_probe_tokens >= 1 and sample_tokens >= 0; got "
+                f"{probe_text!r}, {max_probe_tokens} and {sample_tokens}"
+            )
+        check_sampling(sample_tokens, temperature, top_k, top_p=None)
         self.probe_text = probe_text
         self.max_probe_tokens = max_probe_tokens
         self.sample_prompt = sample_prompt
@@ -132,14 +146,21 @@ class InspectionLogger(L.Callback):
         self.top_k = top_k
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
         tensorboard = next(
             (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None
         )
-        if tensorboard is None:
+        if trainer.sanity_checking or tensorboard is None:
             return
-        model, tokenizer, step = pl_module.model, trainer.datamodule.tokenizer, trainer.global_step
+        # Every rank enters: under FSDP they gather the whole weights on rank 0.
+        with whole_weights_on_rank_zero(trainer.strategy.model):
+            if trainer.is_global_zero:
+                self.log_inspection(tensorboard, pl_module, trainer.datamodule.tokenizer)
+
+    def log_inspection(
+        self, tensorboard: TensorBoardLogger, pl_module: L.LightningModule, tokenizer: Tokenizer
+    ) -> None:
+        """Log the attention maps and the sample at the current step."""
+        model, step = pl_module.model, pl_module.global_step
         max_tokens = min(self.max_probe_tokens, model.config.context_length)
         figures = model_attention_figures(model, tokenizer, self.probe_text, max_tokens)
         for layer, figure in enumerate(figures.values()):
@@ -157,6 +178,15 @@ class InspectionLogger(L.Callback):
         )
         # TensorBoard renders text as Markdown: a code block keeps line breaks and spacing.
         tensorboard.experiment.add_text("sample", f"```\n{sample}\n```", step)
+
+
+def whole_weights_on_rank_zero(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """A context in which global rank 0 holds every weight of ``model`` whole, to run it outside
+    training. Under FSDP each rank holds a shard, and every rank must enter; for any other
+    model it does nothing."""
+    if FullyShardedDataParallel.fsdp_modules(model):
+        return FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True)
+    return contextlib.nullcontext()
 
 
 class GracefulStop(L.Callback):
@@ -213,16 +243,13 @@ class GracefulStop(L.Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it into place, so an interrupted
-    save never leaves a truncated ``.ckpt`` that looks valid."""
+    """Writes each checkpoint to a temporary file beside it and renames it into place, so an
+    interrupted save never leaves a truncated ``.ckpt`` that looks valid. Lightning's own writer
+    writes to the system's temporary folder and then moves the file, which on another file system
+    is a copy straight into the ``.ckpt``."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
-        temporary = f"{path}.tmp"
-        try:
+        with atomic_path(Path(path)) as temporary:
             super().save_checkpoint(checkpoint, temporary, storage_options)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)

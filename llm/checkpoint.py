@@ -17,9 +17,7 @@ the same folder, renamed into place once complete, so a failed save never leaves
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from llm.attention import RotaryEmbedding
+from llm.errors import first_line
+from llm.files import atomic_path
 from llm.hf import (
     check_exportable,
     from_hf_config,
@@ -59,7 +59,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
         with path.open("rb") as file:
             head = file.read(9)
         if head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
-            config, state_dict, tokenizer = _read_training_checkpoint(path)
+            config, state_dict, tokenizer = read_training_checkpoint(path)
         elif head[8:9] == b"{":  # safetensors: an 8-byte header length, then a JSON header
             config, state_dict, tokenizer = _read_safetensors(path)
         else:
@@ -77,7 +77,8 @@ def save_model(model: GPT, path: str | Path, tokenizer: dict[str, Any]) -> None:
         "config": json.dumps(model.config.to_dict()),
         "tokenizer": json.dumps(tokenizer),
     }
-    _write_atomically(Path(path), lambda tmp: save_file(state_dict, tmp, metadata))
+    with atomic_path(Path(path)) as tmp:
+        save_file(state_dict, tmp, metadata)
 
 
 def save_hf(model: GPT, folder: str | Path, eot_token: int | None = None) -> None:
@@ -91,21 +92,29 @@ def save_hf(model: GPT, folder: str | Path, eot_token: int | None = None) -> Non
     weights = to_hf_state_dict(_weights(model), model.config)
     config = json.dumps(to_hf_config(model.config, eot_token), indent=2)
     # transformers only reads safetensors files whose metadata says they hold torch tensors.
-    _write_atomically(
-        folder / "model.safetensors", lambda tmp: save_file(weights, tmp, {"format": "pt"})
-    )
-    _write_atomically(folder / "config.json", lambda tmp: tmp.write_text(config + "\n"))
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(weights, tmp, {"format": "pt"})
+    with atomic_path(folder / "config.json") as tmp:
+        tmp.write_text(config + "\n")
 
 
-def _read_training_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
+def read_training_checkpoint(
+    path: Path, wanted: str = ACCEPTED
+) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
+    """The model config, GPT weights and tokenizer spec of a Lightning checkpoint written by
+    llm's training. Anything else raises a one-line ValueError that ends by asking for
+    ``wanted``."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped where the format allows: the weights are read only when used, so a
+        # check of a large checkpoint reads little of it.
+        checkpoint = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
     except Exception as err:  # torch.load raises whatever the unpickler or zip reader raises
-        first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
-        reason = first_line.split(". ")[0]  # torch's zip errors go on for a paragraph
+        reason = first_line(err).split(". ")[0]  # torch's zip errors go on for a paragraph
         raise ValueError(
             f"{path} could not be read as a training checkpoint ({reason}); is it truncated "
-            f"or corrupt? Give {ACCEPTED}"
+            f"or corrupt? Give {wanted}"
         ) from None
     hyper_parameters = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if (
@@ -115,7 +124,7 @@ def _read_training_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, Tensor],
     ):
         raise ValueError(
             f"{path} is not an llm training checkpoint: it needs a state_dict and "
-            f"hyper_parameters with 'model' and 'tokenizer'. Give {ACCEPTED}"
+            f"hyper_parameters with 'model' and 'tokenizer'. Give {wanted}"
         )
     # The LightningModule holds the GPT as ``self.model``; a torch.compile'd one adds
     # ``_orig_mod.``. Other entries (a loss module, metrics) are not the model's.
@@ -212,17 +221,3 @@ def _weights(model: GPT) -> dict[str, Tensor]:
     if model.config.tie_embeddings:
         del state_dict["lm_head.weight"]
     return {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write`` on a temporary file next to ``path`` and rename it to ``path`` only once
-    it is complete; on any error the temporary file is removed and ``path`` is untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

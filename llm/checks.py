@@ -1,8 +1,9 @@
-"""Checking a Hydra config's values before any work, so that a mistyped or impossible value
-fails at once with one line naming the key and the fix."""
+"""Checking a Hydra config's values, and the scripts' command-line numbers, before any work, so
+that a mistyped or impossible value fails at once with one line naming the key and the fix."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,3 +35,18 @@ def check_values(cfg: DictConfig, checks: Iterable[Check]) -> None:
         right_type = isinstance(value, types) and (bool in types or not isinstance(value, bool))
         if not right_type or not test(value):
             raise ValueError(f"{key} must be {wanted}, got {value!r}; override it as {key}=...")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number no smaller than ``minimum``."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return whole_number

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from collections import deque
@@ -52,6 +51,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from llm.files import atomic_path
 from llm.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -389,20 +389,9 @@ def _encode_to(
 
 @contextmanager
 def _atomic_output(path: Path) -> Iterator[BinaryIO]:
-    """A binary file that becomes ``path`` only when the block completes.
-
-    It is written as a temporary file beside ``path`` (the same file system, so the final
-    rename is atomic) and deleted on any error or Ctrl-C: ``path`` is always whole or absent.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; data files are for everyone
-        with os.fdopen(fd, "wb") as out:
-            yield out
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A binary file that becomes ``path`` only when the block completes (``atomic_path``)."""
+    with atomic_path(path) as tmp, tmp.open("wb") as out:
+        yield out
 
 
 def _is_prepared(out_dir: Path, inputs: dict[str, Any]) -> bool:

@@ -18,6 +18,22 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
+def device_from_name(name: str) -> torch.device:
+    """``auto`` (a CUDA GPU where torch sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``;
+    a one-line ValueError for any other name, or for a GPU that torch cannot see."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # not a device name at all
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}, but torch sees no CUDA GPU here: use cpu or auto")
+    return device
+
+
 def has_fast_bf16(device_type: str) -> bool:
     """Whether bf16 runs faster than fp32 on a ``cuda`` or ``cpu`` device."""
     if device_type == "cuda":

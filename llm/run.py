@@ -4,6 +4,7 @@ datamodule, module, callbacks, logger and trainer, and fit."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,14 +12,18 @@ import lightning as L
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from llm.callbacks import AtomicCheckpointIO, GracefulStop
+from llm.checkpoint import read_training_checkpoint
 from llm.checks import INTEGER, NUMBER, Check, check_values, non_negative, positive
 from llm.hardware import has_fast_bf16
 from llm.model import PRESETS, GPTConfig
+from llm.training import COMPILE_MODES
 
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+RESUMABLE = "a last.ckpt or best.ckpt written by scripts/train.py"
 
 # Lightning warns that a run resumed mid-epoch cannot resume its dataloader; ours can, since
 # the datamodule starts the loader at the restored step (llm.data.TokenDataModule).
@@ -50,6 +55,19 @@ CHECKS: list[Check] = [
     ("module.min_lr", NUMBER, non_negative, "a non-negative number"),
     ("module.warmup_steps", INTEGER, non_negative, "a non-negative integer"),
     ("module.weight_decay", NUMBER, non_negative, "a non-negative number"),
+    ("module.check_finite_every", INTEGER, positive, "a positive integer (steps)"),
+    (
+        "module.betas",
+        (Sequence,),
+        lambda v: len(v) == 2 and all(type(b) in NUMBER and 0 <= b < 1 for b in v),
+        "two numbers in [0, 1), e.g. [0.9,0.95]",
+    ),
+    (
+        "module.compile_mode",
+        (str,),
+        lambda v: v in COMPILE_MODES,
+        "one of " + ", ".join(COMPILE_MODES),
+    ),
 ]
 
 
@@ -68,8 +86,18 @@ def validate(cfg: DictConfig) -> None:
             f"trainer.accelerator={cfg.trainer.accelerator} but torch sees no CUDA GPU here; "
             "use trainer=auto or trainer=cpu, or install a CUDA build of torch."
         )
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist; give a .ckpt file.")
+    if cfg.ckpt_path is not None:
+        if not Path(cfg.ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist; give a .ckpt file.")
+        # A truncated, foreign or unsafe file fails here, in one line, rather than in Lightning.
+        read_training_checkpoint(Path(cfg.ckpt_path), wanted=RESUMABLE)
+
+
+def validation_interval(trainer: DictConfig) -> int:
+    """Lightning's ``val_check_interval``, which counts batches, from the config's, which counts
+    optimizer steps like ``max_steps``: so validation and its checkpoints always fall between
+    optimizer steps, where a resumed run can start exactly."""
+    return trainer.val_check_interval * trainer.accumulate_grad_batches
 
 
 def resolve_precision(precision: str | int, accelerator: str) -> str | int:
@@ -80,9 +108,9 @@ def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     return "bf16-mixed" if has_fast_bf16("cuda" if on_gpu else "cpu") else "32-true"
 
 
-def train(cfg: DictConfig) -> GracefulStop | None:
-    """Build everything from ``cfg`` and fit. Returns the graceful-stop callback, which says
-    whether a signal ended training and where its checkpoint went."""
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Check ``cfg`` and build from it the datamodule, the module and the trainer with its
+    callbacks and logger. Nothing is prepared or trained yet."""
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
@@ -100,15 +128,24 @@ def train(cfg: DictConfig) -> GracefulStop | None:
         _convert_="all",
     )
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    if not cfg.trainer.enable_progress_bar:  # Lightning refuses a bar callback it may not show
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+        val_check_interval=validation_interval(cfg.trainer),
         callbacks=callbacks,
-        logger=logger,
+        logger=instantiate(cfg.logger) if cfg.get("logger") else False,
         plugins=[AtomicCheckpointIO()],
     )
-    if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return datamodule, module, trainer
+
+
+def train(cfg: DictConfig) -> GracefulStop | None:
+    """Build everything from ``cfg`` and fit. Returns the graceful-stop callback, which says
+    whether a signal ended training and where its checkpoint went."""
+    datamodule, module, trainer = build(cfg)
+    if trainer.logger:
+        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    return next((c for c in callbacks if isinstance(c, GracefulStop)), None)
+    return next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)

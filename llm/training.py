@@ -16,6 +16,10 @@ from torchmetrics.aggregation import MeanMetric
 
 from llm.model import GPT, GPTConfig
 
+# torch.compile's modes: "max-autotune*" tune the GPU kernels (a longer compile),
+# "reduce-overhead" and "max-autotune" replay the step as CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
@@ -47,12 +51,14 @@ class GPTLightningModule(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         compile_model: bool = False,
+        compile_mode: str = "default",
         check_finite_every: int = 50,
     ) -> None:
         super().__init__()
         # Every argument goes into the checkpoint. Pass plain containers (not OmegaConf nodes)
-        # so that checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters()
+        # so that checkpoints load with torch.load(weights_only=True). Loggers get the whole
+        # run config from llm.run instead of these.
+        self.save_hyperparameters(logger=False)
         self.model = GPT(GPTConfig(**model))
         self.model_forward = self.model.forward  # compiled in configure_model if asked
         self.learning_rate = learning_rate
@@ -61,8 +67,14 @@ class GPTLightningModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
         self.compile_model = compile_model
+        self.compile_mode = compile_mode
         self.check_finite_every = check_finite_every
         self.val_loss = MeanMetric()
+        # Decay weight matrices (linear and embedding weights) only: biases and LayerNorm gains
+        # set offsets and scales, and pulling them towards zero only hurts. Decided here, on the
+        # whole model: under FSDP the optimizer is made after sharding, when every parameter
+        # is a flat 1-D shard.
+        self.decayed = {name for name, p in self.model.named_parameters() if p.dim() >= 2}
         # Set once the batch shape is known; ThroughputMonitor reads it to compute MFU.
         self.flops_per_token = self.model.flops_per_token()
         self.flops_per_batch: int | None = None
@@ -77,7 +89,7 @@ class GPTLightningModule(L.LightningModule):
         # the model with new shapes every time and stay eager. A compiled bound method is not a
         # submodule, so parameter names, and so checkpoints, stay the same.
         if self.compile_model:
-            self.model_forward = torch.compile(self.model.forward)
+            self.model_forward = torch.compile(self.model.forward, mode=self.compile_mode)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         inputs, targets = batch
@@ -92,9 +104,20 @@ class GPTLightningModule(L.LightningModule):
         self.log("train/lr", torch.tensor(self.lr_schedulers().get_last_lr()[0]))
         return loss
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning steps its loggers by a count in its loop state, which equals the optimizer
+        # steps taken. Resumed from a checkpoint saved at a validation in the middle of the one
+        # endless epoch, it restores that count one short (it takes the checkpoint for one saved
+        # at an epoch's end), and every later log would land a step early.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if (batch_idx + 1) % self.check_finite_every == 0:
             self.check_finite()
+        if self.global_step >= self.trainer.max_steps:
+            # Stopping, rather than running out of steps, makes Lightning validate once more,
+            # so the last step is checkpointed and logged (unless a validation was due anyway).
+            self.trainer.should_stop = True
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, targets = batch
@@ -105,10 +128,15 @@ class GPTLightningModule(L.LightningModule):
         loss = self.val_loss.compute()  # averaged over every rank's tokens
         self.val_loss.reset()
         self.log_dict({"val/loss": loss, "val/perplexity": loss.exp()}, prog_bar=True)
+        self.log("hp_metric", loss)  # the metric TensorBoard's HParams tab shows beside the config
 
     def check_finite(self) -> None:
-        """Stop training if any loss since the start was NaN or infinite (reads the device)."""
-        if self.nonfinite_losses.item():
+        """Stop training if any loss since the start, on any rank, was NaN or infinite (reads
+        the device). Every rank must call it at the same step: they stop together."""
+        count = self.nonfinite_losses
+        if self.trainer.world_size > 1:  # one rank stopping alone would leave the others waiting
+            count = self.trainer.strategy.reduce(count.clone(), reduce_op="sum")
+        if count.item():
             raise NonFiniteLossError(
                 f"The training loss became NaN or infinite by step {self.global_step}; the last "
                 "checkpoint saved before it is kept. Try a lower learning_rate, a longer warmup, "
@@ -157,16 +185,23 @@ class GPTLightningModule(L.LightningModule):
         else:
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        # Decay weight matrices (linear and embedding weights) only: biases and LayerNorm gains
-        # set offsets and scales, and pulling them towards zero only hurts.
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW's two groups: the weight matrices with ``weight_decay``, the rest without."""
+        decayed: list[Tensor] = []
+        others: list[Tensor] = []
+        for name, param in self.model.named_parameters():
+            # FSDP puts each unit it wraps (llm.model.Block under trainer=fsdp) in a submodule.
+            name = name.replace("_fsdp_wrapped_module.", "")
+            if param.requires_grad:
+                (decayed if name in self.decayed else others).append(param)
+        return [
+            {"params": decayed, "weight_decay": self.weight_decay},
+            {"params": others, "weight_decay": 0.0},
         ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(
-            groups,
+            self.parameter_groups(),
             lr=self.learning_rate,
             betas=self.betas,
             # One kernel for all parameters on CUDA instead of a loop over them; not under fp16

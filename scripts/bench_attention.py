@@ -32,7 +32,9 @@ from llm.attention import (
     SlidingWindowAttention,
     simple_self_attention,
 )
+from llm.checks import at_least
 from llm.errors import one_line_errors
+from llm.hardware import device_from_name
 
 
 def raw_sdpa(fused: MultiHeadAttention) -> Callable[[Tensor], Tensor]:
@@ -49,14 +51,16 @@ def raw_sdpa(fused: MultiHeadAttention) -> Callable[[Tensor], Tensor]:
     return attend
 
 
-def torch_multihead(d: int, heads: int, tokens: int, device: str) -> Callable[[Tensor], Tensor]:
+def torch_multihead(
+    d: int, heads: int, tokens: int, device: torch.device
+) -> Callable[[Tensor], Tensor]:
     attn = nn.MultiheadAttention(d, heads, batch_first=True, device=device)
     future = torch.ones(tokens, tokens, dtype=torch.bool, device=device).triu(1)
     return lambda x: attn(x, x, x, attn_mask=future, is_causal=True, need_weights=False)[0]
 
 
 def implementations(
-    d: int, heads: int, tokens: int, device: str
+    d: int, heads: int, tokens: int, device: torch.device
 ) -> dict[str, Callable[[Tensor], Tensor]]:
     fused = MultiHeadAttention(d, d, tokens, dropout=0.0, num_heads=heads).to(device)
     return {
@@ -73,7 +77,7 @@ def implementations(
 
 
 def window_implementations(
-    d: int, heads: int, tokens: int, window: int, device: str
+    d: int, heads: int, tokens: int, window: int, device: torch.device
 ) -> dict[str, Callable[[Tensor], Tensor]]:
     """Full causal RoPE attention, and the same weights with a sliding window by each kernel."""
     full = RotaryAttention(d, d, tokens, dropout=0.0, num_heads=heads).to(device)
@@ -121,16 +125,16 @@ def time_forward_backward(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--batch", type=at_least(1), default=4)
+    parser.add_argument("--tokens", type=at_least(1), default=256)
+    parser.add_argument("--dim", type=at_least(1), default=256)
+    parser.add_argument("--heads", type=at_least(1), default=8)
     parser.add_argument(
         "--gpt2", action="store_true", help="B=8, d=768, 12 heads, and T=1024 unless --tokens"
     )
     parser.add_argument("--window", type=int, help="compare sliding-window kernels instead")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=at_least(1), default=5)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args()
     if args.gpt2:
         tokens_given = any(arg.startswith("--tokens") for arg in sys.argv[1:])
@@ -139,16 +143,15 @@ def main() -> None:
     if args.window is not None and not 0 < args.window < args.tokens:
         parser.error(f"--window must be between 1 and --tokens - 1, got {args.window}")
 
+    device = device_from_name(args.device)
     torch.manual_seed(0)
-    x = torch.randn(args.batch, args.tokens, args.dim, device=args.device, requires_grad=True)
+    x = torch.randn(args.batch, args.tokens, args.dim, device=device, requires_grad=True)
     backward = args.window is None or x.is_cuda
     if args.window is None:
-        attends = implementations(args.dim, args.heads, args.tokens, args.device)
+        attends = implementations(args.dim, args.heads, args.tokens, device)
         baseline = "raw SDPA, same projections"
     else:
-        attends = window_implementations(
-            args.dim, args.heads, args.tokens, args.window, args.device
-        )
+        attends = window_implementations(args.dim, args.heads, args.tokens, args.window, device)
         baseline = next(iter(attends))
     rows = {}
     for name, attend in attends.items():

@@ -25,6 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from llm.checks import at_least
 from llm.errors import one_line_errors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,9 +98,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text", type=Path, default=SHARED / "tinyshakespeare.txt")
     parser.add_argument("--ranks", type=Path, default=SHARED / "gpt2.tiktoken")
-    parser.add_argument("--synthetic-mb", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; best counts")
+    parser.add_argument("--synthetic-mb", type=at_least(1), default=200)
+    parser.add_argument("--threads", type=at_least(1), default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--repeat", type=at_least(1), default=3, help="runs per measurement; best counts"
+    )
     args = parser.parse_args()
 
     print(

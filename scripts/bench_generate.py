@@ -32,6 +32,7 @@ from torch import Tensor
 
 from llm.attention import SlidingWindowAttention
 from llm.checkpoint import save_hf
+from llm.checks import at_least
 from llm.errors import one_line_errors
 from llm.generate import generate_tokens
 from llm.model import GPT, GPTConfig
@@ -56,15 +57,15 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=at_least(1), default=256)
     parser.add_argument("--skip-no-cache", action="store_true", help="skip the slow no-cache row")
     parser.add_argument(
-        "--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy CPU"
+        "--threads",
+        type=at_least(1),
+        help="torch threads (default: torch's); 1 is steadier on a busy CPU",
     )
     parser.add_argument("--modern", action="store_true", help="the modern attention tables")
     args = parser.parse_args()
-    if args.new_tokens < 1:
-        parser.error(f"--new-tokens must be at least 1, got {args.new_tokens}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.modern:

@@ -9,9 +9,11 @@ precision and compile setting as the last plain row, and on a GPU the same with 
 ThroughputMonitor (which waits for the GPU after every step) or llm's TokenThroughputMonitor
 (which waits only on logging steps). Each row is timed over all its steps after the warm-up as
 one span, so the host may run ahead of the GPU as in real training. Every row trains the same
-model on the same random batches held in memory, so the table compares the step itself, not
-data loading. A second table times the output head alone (the logits over the vocabulary and
-the loss), eager and compiled into one fused pass, and its share of the whole step.
+model on the same random batches held in (on a GPU, pinned) memory, so the table compares the
+step itself, not data loading. A second table times the output head alone (the logits over the
+vocabulary and the loss), eager and compiled into one fused pass, and its share of the whole
+step. ``--compile-mode max-autotune-no-cudagraphs`` compiles every compiled row with kernel
+tuning.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from torch.utils.data import DataLoader, TensorDataset
 
 from llm.callbacks import TokenThroughputMonitor
+from llm.checks import at_least
 from llm.errors import one_line_errors
-from llm.hardware import peak_flops
+from llm.hardware import device_from_name, peak_flops
 from llm.model import GPT, GPTConfig
-from llm.training import GPTLightningModule
+from llm.training import COMPILE_MODES, GPTLightningModule
 
 
 def synchronize(device: torch.device) -> None:
@@ -51,12 +54,13 @@ def plain_loop(
     bf16: bool,
     compile: bool,
     warmup: int,
+    compile_mode: str = "default",
 ) -> float:
     """Seconds per optimizer step of the least code that trains the model."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
     if compile:
-        model.compile()
+        model.compile(mode=compile_mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     clock = StepClock(device, warmup, len(batches))
     for batch in batches:
@@ -79,12 +83,13 @@ def head_only(
     bf16: bool,
     compile: bool,
     warmup: int,
+    compile_mode: str = "default",
 ) -> float:
     """Seconds of the output head alone (final norm, LM head over the vocabulary, loss),
     forward and backward, on random hidden states."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    head = torch.compile(model.head) if compile else model.head
+    head = torch.compile(model.head, mode=compile_mode) if compile else model.head
     shape = (*batches[0][:, 1:].shape, config.n_embd)  # (B, T, C)
     hidden = [torch.randn(shape, device=device, requires_grad=True) for _ in batches]
     clock = StepClock(device, warmup, len(batches))
@@ -140,18 +145,23 @@ def lightning_loop(
     bf16: bool,
     compile: bool,
     warmup: int,
+    compile_mode: str = "default",
     monitor: L.Callback | None = None,
 ) -> float:
     """Seconds per optimizer step through GPTLightningModule and a Lightning Trainer, logging
     every 10 steps as the default config does, with ``monitor`` as an extra callback."""
     torch.manual_seed(0)
     module = GPTLightningModule(
-        model=config.to_dict(), tokenizer={"name": "gpt2", "path": None}, compile_model=compile
+        model=config.to_dict(),
+        tokenizer={"name": "gpt2", "path": None},
+        compile_model=compile,
+        compile_mode=compile_mode,
     )
     data = torch.stack(batches)
     loader = DataLoader(
         TensorDataset(data[:, :, :-1].flatten(0, 1), data[:, :, 1:].flatten(0, 1)),
         batch_size=batches[0].size(0),
+        pin_memory=device.type == "cuda",
     )
     clock = StepClock(device, warmup, len(batches))
     trainer = L.Trainer(
@@ -175,14 +185,17 @@ def lightning_loop(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="gpt-micro")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
-    parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (compiles)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=at_least(1), default=16)
+    parser.add_argument("--tokens", type=at_least(1), default=128)
+    parser.add_argument("--steps", type=at_least(1), default=10, help="timed steps per row")
+    parser.add_argument("--warmup", type=at_least(0), default=8, help="untimed steps first")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--compile-mode", default="default", choices=COMPILE_MODES, help="for the compiled rows"
+    )
     args = parser.parse_args()
 
-    device = torch.device(args.device)
+    device = device_from_name(args.device)
     config = GPTConfig.from_preset(args.preset, context_length=args.tokens)
     generator = torch.Generator().manual_seed(0)
     steps = args.steps + args.warmup
@@ -190,6 +203,10 @@ def main() -> None:
         torch.randint(config.vocab_size, (args.batch, args.tokens + 1), generator=generator)
         for _ in range(steps)
     ]
+    if device.type == "cuda":
+        # Pinned, as the datamodule's loader gives them: a copy from pageable memory would wait
+        # for the GPU to finish the previous step, so the host could never run ahead.
+        batches = [batch.pin_memory() for batch in batches]
     flops_per_step = GPT(config).flops_per_token() * args.batch * args.tokens
     peak = peak_flops(device, torch.bfloat16)
 
@@ -222,13 +239,14 @@ def main() -> None:
     )
     print(
         f"{args.preset}, B={args.batch} T={args.tokens}, {name}, torch {torch.__version__}, "
-        f"mean of {args.steps} steps after {args.warmup} warm-up steps"
+        f"mean of {args.steps} steps after {args.warmup} warm-up steps, "
+        f"compile mode {args.compile_mode}"
     )
     print("| training step | s/step | tokens/s | vs fp32 eager | MFU |")
     print("|---|---:|---:|---:|---:|")
     results = {}
     for label, loop, bf16, compile in rows:
-        seconds = loop(config, batches, device, bf16, compile, args.warmup)
+        seconds = loop(config, batches, device, bf16, compile, args.warmup, args.compile_mode)
         results[label] = seconds
         base = results["plain loop, fp32 eager"]
         mfu = f"{flops_per_step / seconds / peak:.1%}" if peak else "n/a"
@@ -243,7 +261,7 @@ def main() -> None:
         ("eager", False, results["plain loop, bf16 autocast"]),
         ("compiled: one fused pass", True, results["plain loop, bf16 + compile"]),
     ):
-        seconds = head_only(config, batches, device, True, compile, args.warmup)
+        seconds = head_only(config, batches, device, True, compile, args.warmup, args.compile_mode)
         print(f"| {label} | {seconds:.4f} | {seconds / step:.0%} |")
 
 

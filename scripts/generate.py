@@ -28,7 +28,7 @@ from llm.checks import (
 )
 from llm.errors import one_line_errors
 from llm.generate import TextStream, encode_prompt, generate
-from llm.hardware import has_fast_bf16
+from llm.hardware import device_from_name, has_fast_bf16
 from llm.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,19 +66,11 @@ def run(cfg: DictConfig) -> None:
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     check_values(cfg, CHECKS)
-    if cfg.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        try:
-            device = str(torch.device(cfg.device))
-        except RuntimeError:
-            raise ValueError(
-                f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"
-            ) from None
+    device = device_from_name(cfg.device)
     prompt = read_prompt(cfg)
     model, tokenizer_spec = load_model(cfg.checkpoint, device)
     # Decoding reads every weight once per token: bf16 weights halve that where bf16 is fast.
-    auto_dtype = "bfloat16" if has_fast_bf16(torch.device(device).type) else "float32"
+    auto_dtype = "bfloat16" if has_fast_bf16(device.type) else "float32"
     model.to(DTYPES[auto_dtype if cfg.dtype == "auto" else cfg.dtype])
     tokenizer = load_tokenizer(**tokenizer_spec)
     idx = encode_prompt(tokenizer, prompt, model.config.context_length, device)

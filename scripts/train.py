@@ -18,7 +18,7 @@ register_model_presets()
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         stopped = train(cfg)
-    if stopped is not None and stopped.signal_name is not None:
+    if stopped is not None and stopped.checkpoint_path is not None:  # a signal stopped training
         print(
             f"Stopped by {stopped.signal_name}; saved {stopped.checkpoint_path}. "
             f"Resume with ckpt_path={stopped.checkpoint_path}",

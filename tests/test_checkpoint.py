@@ -3,6 +3,7 @@ clear error."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import llm.checkpoint
+from llm.callbacks import AtomicCheckpointIO
 from llm.checkpoint import load_model, save_hf, save_model
 from llm.model import GPT, GPTConfig
 
@@ -95,6 +97,27 @@ def test_a_failed_save_leaves_neither_a_partial_file_nor_a_changed_old_one(tmp_p
         save_model(tiny_model(), path, BYTES)
     assert os.listdir(tmp_path) == ["model.safetensors"]
     assert path.read_bytes() == b"old"
+
+
+def test_training_checkpoints_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"old")
+
+    def move_cut_short(source: str, destination: str) -> None:
+        # Lightning's writer moves its file from the system's temporary folder: across file
+        # systems that move is a copy, and here it is cut short.
+        Path(destination).write_bytes(Path(source).read_bytes()[:10])
+        raise OSError("interrupted")
+
+    monkeypatch.setattr(shutil, "move", move_cut_short)
+    with pytest.raises(OSError, match="interrupted"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+    assert path.read_bytes() == b"old"
+    monkeypatch.undo()
+    AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+    assert torch.load(path, weights_only=True) == {"step": 2}
 
 
 # --- Bad files ------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ import sys
 import time
 from itertools import pairwise
 from pathlib import Path
+from types import SimpleNamespace
 
+import hydra
 import lightning as L
 import pytest
 import torch
@@ -18,11 +20,20 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, open_dict
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator, ScalarEvent
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+from torch.distributed.fsdp import FullyShardedDataParallel
 
-from llm.callbacks import LossProgressBar, TokenThroughputMonitor
-from llm.hardware import peak_flops, precision_dtype
-from llm.run import register_model_presets, resolve_precision, train
+from llm.callbacks import (
+    GracefulStop,
+    LossProgressBar,
+    TokenThroughputMonitor,
+    whole_weights_on_rank_zero,
+)
+from llm.hardware import device_from_name, peak_flops, precision_dtype
+from llm.inspect import model_attention_figures
+from llm.run import build, register_model_presets, resolve_precision, train
+from llm.tokenizer import load_tokenizer
 from llm.training import GPTLightningModule, NonFiniteLossError, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +57,6 @@ TINY = [
     "trainer.limit_val_batches=2",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
-    "~callbacks.progress_bar",
     "trainer.enable_model_summary=false",
     "callbacks.inspection.sample_tokens=8",
     "callbacks.throughput.window_size=2",
@@ -84,6 +94,11 @@ def compose_run(overrides: list[str], run_dir: Path) -> DictConfig:
     return cfg
 
 
+def train_tiny(corpus: Path, run_dir: Path, *extra: str) -> GracefulStop | None:
+    """A tiny run in ``run_dir`` through ``llm.run.train`` and the real configs."""
+    return train(compose_run(tiny_overrides(corpus, run_dir, *extra), run_dir))
+
+
 def run_script(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train.py"), *overrides],
@@ -93,6 +108,16 @@ def run_script(*overrides: str, env: dict[str, str] | None = None) -> subprocess
         env={**os.environ, **(env or {})},
         timeout=300,
     )
+
+
+def events_of(run_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return events
+
+
+def last_scalar(run_dir: Path, tag: str) -> ScalarEvent:
+    return events_of(run_dir).Scalars(tag)[-1]
 
 
 def final_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -156,17 +181,33 @@ def test_train_script_writes_checkpoints_and_tensorboard(corpus, tmp_path):
     assert "sample/text_summary" in tags["tensors"]
     sample = events.Tensors("sample/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert len(sample.strip("`\n")) > 0
+    # The HParams tab: the whole run config, flattened, beside the latest validation loss.
+    session = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = HParamsPluginData.FromString(session).session_start_info.hparams
+    assert hparams["model/n_layer"].number_value == 2
+    assert hparams["trainer/max_steps"].number_value == 6
+    hp_metric = events.Scalars("hp_metric")
+    assert hp_metric[-1].value == events.Scalars("val/loss")[-1].value
 
 
 @pytest.mark.slow
 def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
+    not_a_checkpoint = tmp_path / "garbage.ckpt"
+    not_a_checkpoint.write_bytes(b"PK\x03\x04 cut short")
     cases = {
         "trainer.max_stepz=5": "Could not override 'trainer.max_stepz'",
         "data.batch_size=0": "data.batch_size must be a positive integer",
         "module.learning_rate=fast": "module.learning_rate must be a positive number",
+        "module.compile_mode=fast": "module.compile_mode must be one of default, reduce-overhead",
+        "module.betas=[0.9]": "module.betas must be two numbers in [0, 1)",
+        # Refused by the classes the config builds, named by their config key.
+        "+trainer.max_stepz=5": "trainer: Trainer.__init__() got an unexpected keyword argument",
+        "trainer.devices=0": "trainer: `Trainer(devices=0)` value is not a valid input",
+        "callbacks.throughput.window_size=1": "callbacks.throughput: window_size must be at least",
         "model.n_layer=six": "model.n_layer",
         "model.n_head=5": "divisible by n_head",
         f"ckpt_path={tmp_path / 'missing.ckpt'}": "does not exist",
+        f"ckpt_path={not_a_checkpoint}": "could not be read as a training checkpoint",
         "data=text": "data.source",
     }
     if not torch.cuda.is_available():
@@ -179,6 +220,7 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
             result.stderr,
         )
         assert "Traceback" not in result.stderr, (override, result.stderr)
+        assert "Error executing job" not in result.stderr, (override, result.stderr)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -209,19 +251,32 @@ def test_multirun_sweep_gives_each_run_its_own_folder(corpus, tmp_path):
 @pytest.mark.slow
 def test_loss_falls_by_half(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(
+    train_tiny(
         corpus,
         run_dir,
         "trainer.max_steps=150",
         "trainer.val_check_interval=150",
         "module.learning_rate=3e-3",
     )
-    train(compose_run(overrides, run_dir))
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    final_val_loss = events.Scalars("val/loss")[-1].value
+    final_val_loss = last_scalar(run_dir, "val/loss").value
     initial_loss = math.log(257)  # an untrained model guesses uniformly over the 257 byte tokens
     assert final_val_loss < 0.5 * initial_loss
+
+
+@pytest.mark.slow
+def test_validation_counts_optimizer_steps_and_ends_every_run(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    train_tiny(
+        corpus,
+        run_dir,
+        "trainer.accumulate_grad_batches=2",
+        "trainer.val_check_interval=2",
+        "trainer.max_steps=5",
+    )
+    # After optimizer steps 2 and 4, between steps as a resumed run needs, and after the last
+    # (logging steps count from 0).
+    assert [event.step for event in events_of(run_dir).Scalars("val/loss")] == [1, 3, 4]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 5
 
 
 @pytest.mark.slow
@@ -229,7 +284,7 @@ def test_loss_falls_by_half(corpus, tmp_path):
 def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, signum):
     extra = ["trainer.max_steps=8", "model.dropout=0.1"]
     whole_dir, first_dir, second_dir = tmp_path / "whole", tmp_path / "first", tmp_path / "second"
-    train(compose_run(tiny_overrides(corpus, whole_dir, *extra), whole_dir))
+    train_tiny(corpus, whole_dir, *extra)
 
     cfg = compose_run(tiny_overrides(corpus, first_dir, *extra), first_dir)
     with open_dict(cfg):
@@ -241,20 +296,22 @@ def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, sign
     # The signal lands after step 4 was checked, so step 5 finishes before the stop.
     assert torch.load(interrupted, weights_only=True)["global_step"] == 5
 
-    resume = tiny_overrides(corpus, second_dir, *extra, f"ckpt_path={interrupted}")
-    train(compose_run(resume, second_dir))
+    train_tiny(corpus, second_dir, *extra, f"ckpt_path={interrupted}")
     whole = final_weights(whole_dir / "checkpoints" / "last.ckpt")
     resumed = final_weights(second_dir / "checkpoints" / "last.ckpt")
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
+    for tag in ("train/loss", "val/loss"):
+        whole_loss, resumed_loss = (last_scalar(d, tag) for d in (whole_dir, second_dir))
+        assert whole_loss.step == resumed_loss.step == 7  # the 8th step: logs count from 0
+        assert whole_loss.value == resumed_loss.value, tag
 
 
 @pytest.mark.slow
 def test_compiled_training_keeps_checkpoint_names_and_inspects_eagerly(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(corpus, run_dir, "module.compile_model=true", "trainer.max_steps=3")
-    train(compose_run(overrides, run_dir))
+    train_tiny(corpus, run_dir, "module.compile_model=true", "trainer.max_steps=3")
     weights = final_weights(run_dir / "checkpoints" / "last.ckpt")
     assert "model.blocks.0.attn.qkv.weight" in weights
     assert not any("_orig_mod" in key for key in weights)
@@ -282,15 +339,58 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
 @pytest.mark.slow
 def test_resuming_with_another_model_config_fails_clearly(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    train(compose_run(tiny_overrides(corpus, run_dir), run_dir))
-    other = tiny_overrides(
-        corpus,
-        tmp_path / "other",
-        "model.n_layer=3",
-        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-    )
+    train_tiny(corpus, run_dir)
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match="n_layer: 2 in the checkpoint, 3 now"):
-        train(compose_run(other, tmp_path / "other"))
+        train_tiny(corpus, tmp_path / "other", "model.n_layer=3", f"ckpt_path={checkpoint}")
+
+
+def fsdp_rank(rank: int, store: str, strategy_kwargs: dict, results: str) -> None:
+    """One of two CPU ranks: shard a tiny module as ``trainer=fsdp`` does, make its optimizer
+    groups, and draw its attention maps on rank 0."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2
+    )
+    try:
+        torch.manual_seed(0)
+        module = GPTLightningModule(
+            model={"vocab_size": 257, "context_length": 8, "n_layer": 2, "n_head": 2, "n_embd": 8},
+            tokenizer={"name": "bytes", "path": None},
+        )
+        wrapped = FullyShardedDataParallel(module, device_id=torch.device("cpu"), **strategy_kwargs)
+        decayed, others = module.parameter_groups()
+        with whole_weights_on_rank_zero(wrapped):
+            if rank == 0:
+                figures = model_attention_figures(module.model, load_tokenizer("bytes"), "Hi!", 8)
+        torch.distributed.barrier()  # rank 1 left the context at once: nobody waits forever
+        if rank == 0:
+            result = {
+                "shards": [tuple(p.shape) for p in module.model.parameters()],
+                "decayed": len(decayed["params"]),
+                "others": len(others["params"]),
+                "figures": len(figures),
+            }
+            torch.save(result, results)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_shards_keep_weight_decay_and_inspection(corpus, tmp_path):
+    # Lightning's FSDP runs only on GPUs; torch's FSDP, which it wraps, runs here on gloo.
+    cfg = compose_run([*TINY, f"data.source={corpus}", "trainer=fsdp"], tmp_path)
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    kwargs = {**strategy.kwargs, "sharding_strategy": strategy.sharding_strategy}
+    results = tmp_path / "results.pt"
+    torch.multiprocessing.spawn(
+        fsdp_rank, args=(str(tmp_path / "store"), kwargs, str(results)), nprocs=2
+    )
+    result = torch.load(results)
+    assert all(len(shape) == 1 for shape in result["shards"])  # every weight is a flat shard
+    # Decayed: the two embeddings, and per block attn.qkv, attn.out_proj, mlp.fc and mlp.proj.
+    # Not: per block two norms' gains and biases and those four layers' biases; the final norm.
+    assert (result["decayed"], result["others"]) == (2 + 2 * 4, 2 * 8 + 2)
+    assert result["figures"] == 2
 
 
 @pytest.mark.slow
@@ -318,12 +418,16 @@ def test_ddp_on_cpu_ranks_see_different_batches(corpus, tmp_path):
 @pytest.mark.parametrize(
     "experiment", sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 )
-def test_every_experiment_composes(corpus, tmp_path, experiment):
-    cfg = compose_run(
-        [f"experiment={experiment}", "tokenizer.name=bytes", "data=text", f"data.source={corpus}"],
-        tmp_path,
-    )
-    assert cfg.trainer.max_steps > 0 and cfg.model.n_layer > 0
+def test_every_experiment_builds(corpus, tmp_path, experiment):
+    # Built, not only composed: a mistyped key in an experiment file merges silently and fails
+    # only when the class it reaches refuses it. The model is shrunk and the GPU recipe moved
+    # to the CPU; everything else is the experiment's own.
+    shrink = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "trainer.accelerator=cpu"]
+    data = ["tokenizer.name=bytes", "data=text", f"data.source={corpus}"]
+    cfg = compose_run([f"experiment={experiment}", *shrink, *data], tmp_path)
+    _, module, trainer = build(cfg)
+    assert trainer.max_steps == cfg.trainer.max_steps > 0
+    assert module.learning_rate == cfg.module.learning_rate
 
 
 @pytest.mark.parametrize(
@@ -353,7 +457,7 @@ def test_every_experiment_composes(corpus, tmp_path, experiment):
 def test_every_group_option_composes(corpus, tmp_path, group, options):
     for option in options:
         cfg = compose_run([*TINY, f"data.source={corpus}", f"{group}={option}"], tmp_path)
-        assert cfg[group] is not None
+        assert cfg.hydra.runtime.choices[group] == option
 
 
 # --- the Lightning module on its own, with a tiny model and random tokens -------------------
@@ -361,7 +465,7 @@ def test_every_group_option_composes(corpus, tmp_path, group, options):
 TINY_CONTEXT = 8
 
 
-def tiny_module() -> GPTLightningModule:
+def tiny_module(**options: object) -> GPTLightningModule:
     return GPTLightningModule(
         model={
             "vocab_size": 50,
@@ -371,7 +475,40 @@ def tiny_module() -> GPTLightningModule:
             "n_embd": 8,
         },
         tokenizer={"name": "bytes", "path": None},
+        **options,
     )
+
+
+def test_a_nonfinite_loss_on_another_rank_stops_this_one_too():
+    module = tiny_module()
+    reductions = []
+
+    def reduce(count: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        reductions.append(reduce_op)
+        count += 1  # in place, as DDP's all-reduce is; another rank saw one NaN loss
+        return count
+
+    module._trainer = SimpleNamespace(
+        world_size=2, strategy=SimpleNamespace(reduce=reduce), global_step=7
+    )
+    with pytest.raises(NonFiniteLossError, match="by step 7"):
+        module.check_finite()
+    assert reductions == ["sum"]
+    assert module.nonfinite_losses.item() == 0  # this rank's own count is left as it was
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="for machines without a CUDA GPU")
+def test_a_gpu_that_is_not_there_is_refused_by_name():
+    with pytest.raises(ValueError, match="'cuda:1', but torch sees no CUDA GPU here"):
+        device_from_name("cuda:1")
+    assert device_from_name("auto") == torch.device("cpu")
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda function, mode: modes.append(mode) or function)
+    tiny_module(compile_model=True, compile_mode="max-autotune-no-cudagraphs").configure_model()
+    assert modes == ["max-autotune-no-cudagraphs"]
 
 
 def token_batches(steps: int, batch_size: int) -> torch.utils.data.DataLoader:

@@ -1,0 +1,25 @@
+"""Writing files whole or not at all: a failed or interrupted write never leaves half a file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path to write ``path``'s new content to, renamed to ``path`` when the block
+    completes. It lies beside ``path`` (the same file system, so the rename is atomic) and is
+    deleted on any error or Ctrl-C: ``path`` is always whole, old or new, or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    os.chmod(tmp, 0o644)  # mkstemp makes the file private; what llm writes is for everyone
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # gone already if renamed
