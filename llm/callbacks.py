@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
 from pathlib import Path
@@ -18,10 +17,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from llm.checkpoint import model_from_weights
 from llm.files import atomic_path
 from llm.generate import check_sampling, generate_text
 from llm.hardware import peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
+from llm.model import GPT, own_parameter_name
 from llm.tokenizer import Tokenizer
 
 
@@ -137,7 +138,7 @@ class InspectionLogger(L.Callback):
                 "needs a probe_text, max_probe_tokens >= 1 and sample_tokens >= 0; got "
                 f"{probe_text!r}, {max_probe_tokens} and {sample_tokens}"
             )
-        check_sampling(sample_tokens, temperature, top_k, top_p=None)
+        check_sampling(temperature, top_k, top_p=None)
         self.probe_text = probe_text
         self.max_probe_tokens = max_probe_tokens
         self.sample_prompt = sample_prompt
@@ -151,22 +152,22 @@ class InspectionLogger(L.Callback):
         )
         if trainer.sanity_checking or tensorboard is None:
             return
-        # Every rank enters: under FSDP they gather the whole weights on rank 0.
-        with whole_weights_on_rank_zero(trainer.strategy.model):
-            if trainer.is_global_zero:
-                self.log_inspection(tensorboard, pl_module, trainer.datamodule.tokenizer)
+        model = whole_model_on_rank_zero(trainer.strategy.model, pl_module.model)  # every rank
+        if model is not None:
+            self.log_inspection(
+                tensorboard, model, trainer.datamodule.tokenizer, trainer.global_step
+            )
 
     def log_inspection(
-        self, tensorboard: TensorBoardLogger, pl_module: L.LightningModule, tokenizer: Tokenizer
+        self, tensorboard: TensorBoardLogger, model: GPT, tokenizer: Tokenizer, step: int
     ) -> None:
-        """Log the attention maps and the sample at the current step."""
-        model, step = pl_module.model, pl_module.global_step
+        """Log ``model``'s attention maps and a sample from it at ``step``."""
         max_tokens = min(self.max_probe_tokens, model.config.context_length)
         figures = model_attention_figures(model, tokenizer, self.probe_text, max_tokens)
         for layer, figure in enumerate(figures.values()):
             tensorboard.experiment.add_figure(f"attention/layer_{layer}", figure, step, close=True)
 
-        generator = torch.Generator(device=pl_module.device).manual_seed(step)
+        generator = torch.Generator(device=model.token_embedding.weight.device).manual_seed(step)
         sample = generate_text(
             model,
             tokenizer,
@@ -180,13 +181,25 @@ class InspectionLogger(L.Callback):
         tensorboard.experiment.add_text("sample", f"```\n{sample}\n```", step)
 
 
-def whole_weights_on_rank_zero(model: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """A context in which global rank 0 holds every weight of ``model`` whole, to run it outside
-    training. Under FSDP each rank holds a shard, and every rank must enter; for any other
-    model it does nothing."""
-    if FullyShardedDataParallel.fsdp_modules(model):
-        return FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True)
-    return contextlib.nullcontext()
+def whole_model_on_rank_zero(wrapped: torch.nn.Module, model: GPT) -> GPT | None:
+    """``model`` with all its weights, to run outside training, on global rank 0; None on the
+    other ranks. ``wrapped`` is what the strategy made of the module that holds ``model``.
+
+    Under FSDP each rank holds a shard of the weights, and every rank must call this: they
+    gather the whole weights on rank 0, which gets a plain copy. FSDP's own units cannot run
+    there, since each of their calls outside training would wait for the other ranks."""
+    rank_zero = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if not FullyShardedDataParallel.fsdp_modules(wrapped):
+        return model if rank_zero else None
+    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False, rank0_only=True):
+        if not rank_zero:
+            return None
+        weights = {
+            own_parameter_name(name): param.detach().clone()
+            for name, param in model.named_parameters()
+        }
+    device = next(iter(weights.values())).device
+    return model_from_weights(model.config, weights, "the gathered FSDP weights").to(device)
 
 
 class GracefulStop(L.Callback):

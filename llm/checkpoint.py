@@ -17,7 +17,6 @@ the same folder, renamed into place once complete, so a failed save never leaves
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from llm.hf import (
     to_hf_config,
     to_hf_state_dict,
 )
-from llm.model import GPT, GPTConfig
+from llm.model import GPT, GPTConfig, own_parameter_name
 
 ACCEPTED = (
     "a training checkpoint (.ckpt), a .safetensors model saved by llm, or a Hugging Face "
@@ -64,7 +63,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
             config, state_dict, tokenizer = _read_safetensors(path)
         else:
             raise ValueError(f"{path} is not a model file llm knows: give {ACCEPTED}")
-    model = _build_model(config, state_dict, path)
+    model = model_from_weights(config, state_dict, path)
     return model.to(device).eval(), tokenizer
 
 
@@ -104,12 +103,12 @@ def read_training_checkpoint(
     """The model config, GPT weights and tokenizer spec of a Lightning checkpoint written by
     llm's training. Anything else raises a one-line ValueError that ends by asking for
     ``wanted``."""
+    with path.open("rb") as file:
+        zipped = file.read(len(ZIP_MAGIC)) == ZIP_MAGIC
     try:
-        # Memory-mapped where the format allows: the weights are read only when used, so a
-        # check of a large checkpoint reads little of it.
-        checkpoint = torch.load(
-            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-        )
+        # Memory-mapped where the format allows: the tensors are read only when used, so a
+        # check of a large checkpoint reads little of it, and the optimizer state not at all.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as err:  # torch.load raises whatever the unpickler or zip reader raises
         reason = first_line(err).split(". ")[0]  # torch's zip errors go on for a paragraph
         raise ValueError(
@@ -126,10 +125,11 @@ def read_training_checkpoint(
             f"{path} is not an llm training checkpoint: it needs a state_dict and "
             f"hyper_parameters with 'model' and 'tokenizer'. Give {wanted}"
         )
-    # The LightningModule holds the GPT as ``self.model``; a torch.compile'd one adds
-    # ``_orig_mod.``. Other entries (a loss module, metrics) are not the model's.
+    # The LightningModule holds the GPT as ``self.model`` (a torch.compile'd one as
+    # ``model._orig_mod``). Other entries (a loss module, metrics) are not the model's. Mapped
+    # weights are copied out of the file: the model must not change if the file does.
     state_dict = {
-        name.removeprefix("model.").removeprefix("_orig_mod."): tensor
+        own_parameter_name(name.removeprefix("model.")): tensor.clone() if zipped else tensor
         for name, tensor in checkpoint["state_dict"].items()
         if name.startswith("model.")
     }
@@ -183,8 +183,10 @@ def _config(fields: dict[str, Any], source: Path) -> GPTConfig:
         raise ValueError(f"{source} holds a model config llm cannot use: {err}") from None
 
 
-def _build_model(config: GPTConfig, state_dict: dict[str, Tensor], source: Path) -> GPT:
-    """A GPT with ``config`` whose weights are exactly ``state_dict``'s, as float32."""
+def model_from_weights(config: GPTConfig, state_dict: dict[str, Tensor], source: str | Path) -> GPT:
+    """A GPT with ``config`` whose weights are exactly ``state_dict``'s, as float32 and on their
+    device (the position tables of RoPE are made on the CPU). ``source`` names where the weights
+    came from in the ValueError raised when they do not fit the config."""
     # On the meta device the model allocates no memory and skips its random initialisation,
     # which would take most of the load time for the large GPT-2s: every weight comes from the
     # file instead.

@@ -17,9 +17,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(descriptor)
-    os.chmod(tmp, 0o644)  # mkstemp makes the file private; what llm writes is for everyone
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; what llm writes is for everyone
         yield Path(tmp)
+        with open(tmp, "rb") as written:  # on the disk before the rename, or a crash could
+            os.fsync(written.fileno())  # leave the new name on an empty file
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)  # gone already if renamed

@@ -57,7 +57,9 @@ def generate(
     The model runs in eval mode (no dropout) and without gradients while the tokens are
     generated, and returns to its previous mode afterwards. Arguments are checked at the call.
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
     _check_prompt_length(idx, model.config.context_length)
     sample = lambda logits: sample_next_token(logits, temperature, top_k, top_p, generator)
     return _generate(model, idx, max_new_tokens, sample, eot_token, use_cache)
@@ -223,12 +225,8 @@ def _check_prompt_length(idx: Tensor, context_length: int) -> None:
         )
 
 
-def check_sampling(
-    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
-) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise a one-line ValueError for a sampling setting ``generate`` cannot use."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:

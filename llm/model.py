@@ -32,6 +32,18 @@ from llm.attention import (
 VOCAB_PAD_MULTIPLE = 64
 
 
+# What wrappers insert into parameter names: FSDP units, activation checkpointing, torch.compile.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def own_parameter_name(name: str) -> str:
+    """A GPT parameter's name as the GPT itself calls it, from its name seen through wrappers:
+    ``blocks.0._fsdp_wrapped_module.attn.qkv.weight`` -> ``blocks.0.attn.qkv.weight``."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 

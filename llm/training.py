@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
-from llm.model import GPT, GPTConfig
+from llm.model import GPT, GPTConfig, own_parameter_name
 
 # torch.compile's modes: "max-autotune*" tune the GPU kernels (a longer compile),
 # "reduce-overhead" and "max-autotune" replay the step as CUDA graphs.
@@ -74,7 +74,8 @@ class GPTLightningModule(L.LightningModule):
         # set offsets and scales, and pulling them towards zero only hurts. Decided here, on the
         # whole model: under FSDP the optimizer is made after sharding, when every parameter
         # is a flat 1-D shard.
-        self.decayed = {name for name, p in self.model.named_parameters() if p.dim() >= 2}
+        self.decayed_names = {name for name, p in self.model.named_parameters() if p.dim() >= 2}
+        self.parameter_names = {name for name, _ in self.model.named_parameters()}
         # Set once the batch shape is known; ThroughputMonitor reads it to compute MFU.
         self.flops_per_token = self.model.flops_per_token()
         self.flops_per_batch: int | None = None
@@ -112,7 +113,8 @@ class GPTLightningModule(L.LightningModule):
         self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if (batch_idx + 1) % self.check_finite_every == 0:
+        optimizer_stepped = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
+        if optimizer_stepped and self.global_step % self.check_finite_every == 0:
             self.check_finite()
         if self.global_step >= self.trainer.max_steps:
             # Stopping, rather than running out of steps, makes Lightning validate once more,
@@ -189,11 +191,12 @@ class GPTLightningModule(L.LightningModule):
         """AdamW's two groups: the weight matrices with ``weight_decay``, the rest without."""
         decayed: list[Tensor] = []
         others: list[Tensor] = []
-        for name, param in self.model.named_parameters():
-            # FSDP puts each unit it wraps (llm.model.Block under trainer=fsdp) in a submodule.
-            name = name.replace("_fsdp_wrapped_module.", "")
+        for wrapped_name, param in self.model.named_parameters():
+            name = own_parameter_name(wrapped_name)  # FSDP wraps each Block under trainer=fsdp
+            if name not in self.parameter_names:  # never guess which group a weight belongs to
+                raise RuntimeError(f"{wrapped_name} is not a parameter name the GPT knows")
             if param.requires_grad:
-                (decayed if name in self.decayed else others).append(param)
+                (decayed if name in self.decayed_names else others).append(param)
         return [
             {"params": decayed, "weight_decay": self.weight_decay},
             {"params": others, "weight_decay": 0.0},

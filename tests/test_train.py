@@ -18,8 +18,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator, ScalarEvent
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.distributed.fsdp import FullyShardedDataParallel
@@ -28,8 +29,10 @@ from llm.callbacks import (
     GracefulStop,
     LossProgressBar,
     TokenThroughputMonitor,
-    whole_weights_on_rank_zero,
+    whole_model_on_rank_zero,
 )
+from llm.errors import refused_config
+from llm.generate import generate_text
 from llm.hardware import device_from_name, peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
 from llm.run import build, register_model_presets, resolve_precision, train
@@ -204,6 +207,7 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
         "+trainer.max_stepz=5": "trainer: Trainer.__init__() got an unexpected keyword argument",
         "trainer.devices=0": "trainer: `Trainer(devices=0)` value is not a valid input",
         "callbacks.throughput.window_size=1": "callbacks.throughput: window_size must be at least",
+        "callbacks.throughput._target_=llm.Nothing": "callbacks.throughput: Error locating target",
         "model.n_layer=six": "model.n_layer",
         "model.n_head=5": "divisible by n_head",
         f"ckpt_path={tmp_path / 'missing.ckpt'}": "does not exist",
@@ -222,6 +226,26 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
         assert "Traceback" not in result.stderr, (override, result.stderr)
         assert "Error executing job" not in result.stderr, (override, result.stderr)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class BrokenCallback(L.Callback):
+    def __init__(self, size: int = 1) -> None:
+        self.size = size + "1"  # a bug, not a bad config
+
+
+def test_a_config_refused_is_one_line_but_a_bug_keeps_its_traceback():
+    target = f"{__name__}.BrokenCallback"
+    errors = []
+    for config in ({"_target_": target, "sise": 2}, {"_target_": target}):
+        with pytest.raises(InstantiationException) as caught:
+            hydra.utils.instantiate(
+                OmegaConf.create({"callbacks": {"broken": config}}).callbacks.broken
+            )
+        errors.append(refused_config(caught.value))
+    assert errors[0] == (
+        "callbacks.broken: BrokenCallback.__init__() got an unexpected keyword argument 'sise'"
+    )
+    assert errors[1] is None  # re-raised by one_line_errors, traceback and all
 
 
 @pytest.mark.slow
@@ -359,18 +383,21 @@ def fsdp_rank(rank: int, store: str, strategy_kwargs: dict, results: str) -> Non
         )
         wrapped = FullyShardedDataParallel(module, device_id=torch.device("cpu"), **strategy_kwargs)
         decayed, others = module.parameter_groups()
-        with whole_weights_on_rank_zero(wrapped):
-            if rank == 0:
-                figures = model_attention_figures(module.model, load_tokenizer("bytes"), "Hi!", 8)
-        torch.distributed.barrier()  # rank 1 left the context at once: nobody waits forever
+        whole = whole_model_on_rank_zero(wrapped, module.model)
+        torch.distributed.barrier()  # rank 1 went on at once; rank 0 runs the model alone:
         if rank == 0:
+            tokenizer = load_tokenizer("bytes")
             result = {
                 "shards": [tuple(p.shape) for p in module.model.parameters()],
                 "decayed": len(decayed["params"]),
                 "others": len(others["params"]),
-                "figures": len(figures),
+                "figures": len(model_attention_figures(whole, tokenizer, "Hi!", 8)),
+                "sample": generate_text(whole, tokenizer, "Hi", max_new_tokens=16, top_k=1),
+                "whole": {name: p.shape for name, p in whole.named_parameters()},
             }
             torch.save(result, results)
+        else:
+            assert whole is None
     finally:
         torch.distributed.destroy_process_group()
 
@@ -391,6 +418,8 @@ def test_fsdp_shards_keep_weight_decay_and_inspection(corpus, tmp_path):
     # Not: per block two norms' gains and biases and those four layers' biases; the final norm.
     assert (result["decayed"], result["others"]) == (2 + 2 * 4, 2 * 8 + 2)
     assert result["figures"] == 2
+    assert len(result["sample"]) > 0  # 16 forward passes of the copy, none of them collective
+    assert result["whole"]["blocks.0.attn.qkv.weight"] == (24, 8)
 
 
 @pytest.mark.slow
