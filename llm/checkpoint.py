@@ -103,11 +103,32 @@ def read_training_checkpoint(
     """The model config, GPT weights and tokenizer spec of a Lightning checkpoint written by
     llm's training. Anything else raises a one-line ValueError that ends by asking for
     ``wanted``."""
+    checkpoint = _load_training_checkpoint(path, wanted)
+    # The LightningModule holds the GPT as ``self.model`` (a torch.compile'd one as
+    # ``model._orig_mod``). Other entries (a loss module, metrics) are not the model's. The
+    # weights are copied out of the mapped file: the model must not change if the file does.
+    state_dict = {
+        own_parameter_name(name.removeprefix("model.")): tensor.clone()
+        for name, tensor in checkpoint["state_dict"].items()
+        if name.startswith("model.")
+    }
+    hyper_parameters = checkpoint["hyper_parameters"]
+    config = _config(hyper_parameters["model"], path)
+    return config, state_dict, dict(hyper_parameters["tokenizer"])
+
+
+def training_checkpoint_config(path: Path, wanted: str = ACCEPTED) -> GPTConfig:
+    """The model config of a training checkpoint, for checks before training: none of its
+    tensors is read. Raises like ``read_training_checkpoint``."""
+    return _config(_load_training_checkpoint(path, wanted)["hyper_parameters"]["model"], path)
+
+
+def _load_training_checkpoint(path: Path, wanted: str) -> dict[str, Any]:
+    """The checkpoint dict, its tensors memory-mapped where the format allows: they are read
+    only when used, and the optimizer state not at all."""
     with path.open("rb") as file:
         zipped = file.read(len(ZIP_MAGIC)) == ZIP_MAGIC
     try:
-        # Memory-mapped where the format allows: the tensors are read only when used, so a
-        # check of a large checkpoint reads little of it, and the optimizer state not at all.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as err:  # torch.load raises whatever the unpickler or zip reader raises
         reason = first_line(err).split(". ")[0]  # torch's zip errors go on for a paragraph
@@ -125,16 +146,7 @@ def read_training_checkpoint(
             f"{path} is not an llm training checkpoint: it needs a state_dict and "
             f"hyper_parameters with 'model' and 'tokenizer'. Give {wanted}"
         )
-    # The LightningModule holds the GPT as ``self.model`` (a torch.compile'd one as
-    # ``model._orig_mod``). Other entries (a loss module, metrics) are not the model's. Mapped
-    # weights are copied out of the file: the model must not change if the file does.
-    state_dict = {
-        own_parameter_name(name.removeprefix("model.")): tensor.clone() if zipped else tensor
-        for name, tensor in checkpoint["state_dict"].items()
-        if name.startswith("model.")
-    }
-    config = _config(hyper_parameters["model"], path)
-    return config, state_dict, dict(hyper_parameters["tokenizer"])
+    return checkpoint
 
 
 def _read_safetensors(path: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:

@@ -16,11 +16,11 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from llm.callbacks import AtomicCheckpointIO, GracefulStop
-from llm.checkpoint import read_training_checkpoint
+from llm.checkpoint import training_checkpoint_config
 from llm.checks import INTEGER, NUMBER, Check, check_values, non_negative, positive
 from llm.hardware import has_fast_bf16
 from llm.model import PRESETS, GPTConfig
-from llm.training import COMPILE_MODES
+from llm.training import COMPILE_MODES, check_same_model
 
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 RESUMABLE = "a last.ckpt or best.ckpt written by scripts/train.py"
@@ -89,8 +89,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.ckpt_path is not None:
         if not Path(cfg.ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist; give a .ckpt file.")
-        # A truncated, foreign or unsafe file fails here, in one line, rather than in Lightning.
-        read_training_checkpoint(Path(cfg.ckpt_path), wanted=RESUMABLE)
+        # A truncated, foreign or unsafe file, or one of another model, fails here in one line
+        # rather than in Lightning. The vocabulary is the tokenizer's, checked once it is loaded.
+        saved = training_checkpoint_config(Path(cfg.ckpt_path), wanted=RESUMABLE)
+        current = {**OmegaConf.to_container(cfg.model), "vocab_size": saved.vocab_size}
+        check_same_model(saved.to_dict(), current)
 
 
 def validation_interval(trainer: DictConfig) -> int:

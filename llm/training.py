@@ -21,6 +21,24 @@ from llm.model import GPT, GPTConfig, own_parameter_name
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def check_same_model(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raise a one-line ValueError naming each ``GPTConfig`` field in which a checkpoint's model
+    (``saved``) differs from the one being trained (``current``)."""
+    # Fields added to GPTConfig later are missing from older checkpoints: their defaults.
+    defaults = {field.name: field.default for field in fields(GPTConfig)}
+    saved, current = {**defaults, **saved}, {**defaults, **current}
+    differences = ", ".join(
+        f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    )
+    if differences:
+        raise ValueError(
+            f"The checkpoint was trained with another model config ({differences}); "
+            "resume with the same model settings or start a new run."
+        )
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
@@ -152,20 +170,8 @@ class GPTLightningModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("model")
-        # Fields added to GPTConfig later are missing from older checkpoints: their defaults.
-        defaults = {field.name: field.default for field in fields(GPTConfig)}
-        current = {**defaults, **self.hparams["model"]}
-        saved = None if saved is None else {**defaults, **saved}
-        if saved is not None and saved != current:
-            differences = ", ".join(
-                f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
-                for key in sorted(set(saved) | set(current))
-                if saved.get(key) != current.get(key)
-            )
-            raise ValueError(
-                f"The checkpoint was trained with another model config ({differences}); "
-                "resume with the same model settings or start a new run."
-            )
+        if saved is not None:
+            check_same_model(saved, self.hparams["model"])
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
 
