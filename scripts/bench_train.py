@@ -52,14 +52,14 @@ def plain_loop(
     batches: list[torch.Tensor],
     device: torch.device,
     bf16: bool,
-    compile: bool,
+    compile_mode: str | None,
     warmup: int,
-    compile_mode: str = "default",
 ) -> float:
-    """Seconds per optimizer step of the least code that trains the model."""
+    """Seconds per optimizer step of the least code that trains the model, compiled in
+    ``compile_mode`` or, with None, eager (as in the other loops here)."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    if compile:
+    if compile_mode is not None:
         model.compile(mode=compile_mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     clock = StepClock(device, warmup, len(batches))
@@ -81,15 +81,14 @@ def head_only(
     batches: list[torch.Tensor],
     device: torch.device,
     bf16: bool,
-    compile: bool,
+    compile_mode: str | None,
     warmup: int,
-    compile_mode: str = "default",
 ) -> float:
     """Seconds of the output head alone (final norm, LM head over the vocabulary, loss),
     forward and backward, on random hidden states."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    head = torch.compile(model.head, mode=compile_mode) if compile else model.head
+    head = model.head if compile_mode is None else torch.compile(model.head, mode=compile_mode)
     shape = (*batches[0][:, 1:].shape, config.n_embd)  # (B, T, C)
     hidden = [torch.randn(shape, device=device, requires_grad=True) for _ in batches]
     clock = StepClock(device, warmup, len(batches))
@@ -143,9 +142,8 @@ def lightning_loop(
     batches: list[torch.Tensor],
     device: torch.device,
     bf16: bool,
-    compile: bool,
+    compile_mode: str | None,
     warmup: int,
-    compile_mode: str = "default",
     monitor: L.Callback | None = None,
 ) -> float:
     """Seconds per optimizer step through GPTLightningModule and a Lightning Trainer, logging
@@ -154,8 +152,8 @@ def lightning_loop(
     module = GPTLightningModule(
         model=config.to_dict(),
         tokenizer={"name": "gpt2", "path": None},
-        compile_model=compile,
-        compile_mode=compile_mode,
+        compile_model=compile_mode is not None,
+        compile_mode=compile_mode or "default",
     )
     data = torch.stack(batches)
     loader = DataLoader(
@@ -246,7 +244,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     results = {}
     for label, loop, bf16, compile in rows:
-        seconds = loop(config, batches, device, bf16, compile, args.warmup, args.compile_mode)
+        compile_mode = args.compile_mode if compile else None
+        seconds = loop(config, batches, device, bf16, compile_mode, args.warmup)
         results[label] = seconds
         base = results["plain loop, fp32 eager"]
         mfu = f"{flops_per_step / seconds / peak:.1%}" if peak else "n/a"
@@ -261,7 +260,8 @@ def main() -> None:
         ("eager", False, results["plain loop, bf16 autocast"]),
         ("compiled: one fused pass", True, results["plain loop, bf16 + compile"]),
     ):
-        seconds = head_only(config, batches, device, True, compile, args.warmup, args.compile_mode)
+        compile_mode = args.compile_mode if compile else None
+        seconds = head_only(config, batches, device, True, compile_mode, args.warmup)
         print(f"| {label} | {seconds:.4f} | {seconds / step:.0%} |")
 
 
