@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from hydra.errors import InstantiationException
+from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 # Errors that mean bad input: their message says what is wrong and how to fix it. Anything else
 # is a bug and keeps its traceback.
@@ -38,6 +41,54 @@ def refused_config(error: InstantiationException) -> str | None:
     return f"{keys[0]}: {message}" if keys else message
 
 
+def sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "?", "!", ":")) else f"{text}."
+
+
+# What OmegaConf raises for a key that is not in the config.
+UNKNOWN_KEY_ERRORS = (ConfigAttributeError, ConfigKeyError)
+
+
+def did_you_mean(error: OmegaConfBaseException) -> str | None:
+    """``Did you mean trainer.max_steps?`` for a mistyped key, when a key beside it is close."""
+    parent, key = getattr(error, "parent_node", None), getattr(error, "key", None)
+    if not isinstance(parent, DictConfig) or not isinstance(key, str):
+        return None
+    close = difflib.get_close_matches(key, [str(k) for k in parent], n=1)
+    if not close:
+        return None
+    prefix = str(error.full_key)[: -len(key)]  # "trainer." of "trainer.max_stepz"
+    return f"Did you mean {prefix}{close[0]}?"
+
+
+def composition_error(error: ConfigCompositionException | OverrideParseException) -> str:
+    """One line for what Hydra refuses while composing the config (a mistyped key, a group
+    option that does not exist, an override that does not parse), from the five or more lines
+    Hydra prints itself: its first line, the cause, a close key, and Hydra's suggested fix."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, OverrideParseException) and error.override not in lines[0]:
+        lines.insert(0, f"Could not parse the override '{error.override}'")
+    options = getattr(error, "options", None)  # a group option that does not exist
+    if options:  # instead of Hydra's list, one per line, and its search path
+        lines = [lines[0], f"Available options: {', '.join(options)}"]
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException):  # OmegaConf's first line says what is wrong
+        lines.insert(1, first_line(cause))
+        if isinstance(cause, UNKNOWN_KEY_ERRORS) and (close := did_you_mean(cause)):
+            lines.insert(2, close)
+    return " ".join(sentence(line) for line in lines)
+
+
+def run_hydra_main(main: Callable[[], object]) -> None:
+    """Run a ``@hydra.main`` function with every expected error in one line, Hydra's own
+    included: Hydra prints those in many lines unless ``HYDRA_FULL_ERROR=1`` has it raise them
+    (a bug then keeps its whole traceback)."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    with one_line_errors():
+        main()
+
+
 @contextmanager
 def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
     """Turn expected errors into ``error: <first line>`` and exit code 1, and Ctrl-C into
@@ -45,6 +96,9 @@ def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
     exception would come out as a traceback."""
     try:
         yield
+    except (ConfigCompositionException, OverrideParseException) as error:
+        print(f"error: {composition_error(error)}", file=sys.stderr)
+        sys.exit(1)
     except EXPECTED_ERRORS as error:
         # OmegaConf adds lines about the node's type after its first, which says it all.
         print(f"error: {first_line(error)}", file=sys.stderr)

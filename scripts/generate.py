@@ -26,7 +26,7 @@ from llm.checks import (
     non_negative,
     positive,
 )
-from llm.errors import one_line_errors
+from llm.errors import one_line_errors, run_hydra_main
 from llm.generate import TextStream, encode_prompt, generate
 from llm.hardware import device_from_name, has_fast_bf16
 from llm.tokenizer import load_tokenizer
@@ -114,4 +114,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main)

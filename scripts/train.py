@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from llm.errors import one_line_errors
+from llm.errors import one_line_errors, run_hydra_main
 from llm.run import EXIT_CODES, register_model_presets, train
 
 register_model_presets()
@@ -28,4 +28,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main)

@@ -258,7 +258,6 @@ def run_script(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
-        env=os.environ | {"HYDRA_FULL_ERROR": "0"},
         timeout=120,
     )
 
@@ -282,9 +281,20 @@ def test_generate_script_streams_the_generated_text_and_writes_no_files(tmp_path
 
 
 @pytest.mark.slow
-def test_generate_script_reports_a_missing_checkpoint_in_one_line(tmp_path):
-    result = run_script("checkpoint=missing.ckpt", "prompt=Hello", cwd=tmp_path)
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("checkpoint=missing.ckpt", "error: model file missing.ckpt not found"),
+        (
+            "temperatur=0",
+            "error: Could not override 'temperatur'. Key 'temperatur' is not in "
+            "struct. Did you mean temperature?",
+        ),
+    ],
+)
+def test_generate_script_reports_bad_input_in_one_line(tmp_path, override, message):
+    result = run_script(override, "prompt=Hello", cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.startswith("error: model file missing.ckpt not found")
+    assert result.stderr.startswith(message)
     assert result.stderr.count("\n") == 1
     assert os.listdir(tmp_path) == []
