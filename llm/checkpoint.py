@@ -36,6 +36,7 @@ from llm.hf import (
     to_hf_state_dict,
 )
 from llm.model import GPT, GPTConfig, own_parameter_name
+from llm.tokenizer import Tokenizer, load_tokenizer
 
 ACCEPTED = (
     "a training checkpoint (.ckpt), a .safetensors model saved by llm, or a Hugging Face "
@@ -57,14 +58,40 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
     else:
         with path.open("rb") as file:
             head = file.read(9)
-        if head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
-            config, state_dict, tokenizer = read_training_checkpoint(path)
-        elif head[8:9] == b"{":  # safetensors: an 8-byte header length, then a JSON header
+        # safetensors first: its header length can start with the pickle opcode's byte.
+        if _is_safetensors(head, path.stat().st_size):
             config, state_dict, tokenizer = _read_safetensors(path)
+        elif head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+            config, state_dict, tokenizer = read_training_checkpoint(path)
         else:
             raise ValueError(f"{path} is not a model file llm knows: give {ACCEPTED}")
     model = model_from_weights(config, state_dict, path)
     return model.to(device).eval(), tokenizer
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file of ``size`` bytes starting with ``head`` (9 bytes) is safetensors: an
+    8-byte little-endian header length that fits the file, then the JSON header."""
+    return head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
+
+
+def load_model_and_tokenizer(
+    path: str | Path, device: torch.device | str = "cpu", tokenizer_path: str | None = None
+) -> tuple[GPT, Tokenizer]:
+    """``load_model``, with the tokenizer the model names loaded (from ``tokenizer_path``, a
+    local ranks file, when given: offline, a GPT-2 model's tokenizer cannot be downloaded) and
+    checked to have the model's vocabulary."""
+    model, spec = load_model(path, device)
+    if tokenizer_path is not None:
+        spec = {**spec, "path": tokenizer_path}
+    tokenizer = load_tokenizer(**spec)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"{path}: the model has a vocabulary of {model.config.vocab_size} tokens, but its "
+            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size}; give the tokenizer the "
+            "model was trained with"
+        )
+    return model, tokenizer
 
 
 def save_model(model: GPT, path: str | Path, tokenizer: dict[str, Any]) -> None:
@@ -114,7 +141,7 @@ def read_training_checkpoint(
     }
     hyper_parameters = checkpoint["hyper_parameters"]
     config = _config(hyper_parameters["model"], path)
-    return config, state_dict, dict(hyper_parameters["tokenizer"])
+    return config, state_dict, _tokenizer_spec(hyper_parameters["tokenizer"], path)
 
 
 def training_checkpoint_config(path: Path, wanted: str = ACCEPTED) -> GPTConfig:
@@ -164,8 +191,11 @@ def _read_safetensors(path: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[st
             f"{path} is a safetensors file without llm's config and tokenizer metadata; save "
             f"models with llm.checkpoint.save_model, or give {ACCEPTED}"
         )
-    config = _config(json.loads(metadata["config"]), path)
-    return config, state_dict, json.loads(metadata["tokenizer"])
+    try:
+        fields, tokenizer = json.loads(metadata["config"]), json.loads(metadata["tokenizer"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} holds unreadable metadata ({err}); is it corrupt?") from None
+    return _config(fields, path), state_dict, _tokenizer_spec(tokenizer, path)
 
 
 def _read_hf_folder(folder: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
@@ -181,6 +211,8 @@ def _read_hf_folder(folder: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[st
         raise ValueError(
             f"{folder} holds an unreadable GPT-2 model ({err}); is it corrupt?"
         ) from None
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{config_file} holds no GPT-2 config (a JSON object); is it corrupt?")
     try:
         config = from_hf_config(hf_config)
         return config, from_hf_state_dict(hf_state, config), dict(GPT2_TOKENIZER)
@@ -193,6 +225,16 @@ def _config(fields: dict[str, Any], source: Path) -> GPTConfig:
         return GPTConfig(**fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source} holds a model config llm cannot use: {err}") from None
+
+
+def _tokenizer_spec(spec: Any, source: Path) -> dict[str, Any]:
+    """The ``load_tokenizer`` arguments a model file names, checked."""
+    if not isinstance(spec, dict) or not spec.keys() <= {"name", "path"}:
+        raise ValueError(
+            f"{source} names its tokenizer as {spec!r}, not as {{'name': ..., 'path': ...}}; "
+            "is it corrupt?"
+        )
+    return dict(spec)
 
 
 def model_from_weights(config: GPTConfig, state_dict: dict[str, Tensor], source: str | Path) -> GPT:

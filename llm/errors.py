@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
@@ -39,6 +40,11 @@ def refused_config(error: InstantiationException) -> str | None:
     lines = str(error).splitlines()
     keys = [line.removeprefix("full_key: ") for line in lines if line.startswith("full_key: ")]
     return f"{keys[0]}: {message}" if keys else message
+
+
+def out_of_memory(error: RuntimeError) -> bool:
+    """Whether ``error`` is torch failing to allocate memory, on a GPU or on the CPU."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def sentence(text: str) -> str:
@@ -91,13 +97,17 @@ def run_hydra_main(main: Callable[[], object]) -> None:
 
 @contextmanager
 def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
-    """Turn expected errors into ``error: <first line>`` and exit code 1, and Ctrl-C into
-    ``interrupted`` and exit code 130. A SystemExit passes through Hydra untouched, where an
-    exception would come out as a traceback."""
+    """Turn expected errors (bad input, a config Hydra or a class refuses, running out of
+    memory) into ``error: <one line>`` and exit code 1, a closed stdout into a quiet exit, and
+    Ctrl-C into ``interrupted`` and exit code 130. A SystemExit passes through Hydra untouched,
+    where an exception would come out as a traceback."""
     try:
         yield
     except (ConfigCompositionException, OverrideParseException) as error:
         print(f"error: {composition_error(error)}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         sys.exit(1)
     except EXPECTED_ERRORS as error:
         # OmegaConf adds lines about the node's type after its first, which says it all.
@@ -109,6 +119,14 @@ def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as error:
+        if not out_of_memory(error):
+            raise
+        print(
+            f"error: out of memory ({first_line(error)}); try a smaller batch, context or model",
+            file=sys.stderr,
+        )
         sys.exit(1)
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)

@@ -18,8 +18,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(descriptor)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; what llm writes is for everyone
         yield Path(tmp)
+        # mkstemp makes the file private, and a writer may have replaced it; what llm writes is
+        # for everyone to read.
+        os.chmod(tmp, 0o644)
         with open(tmp, "rb") as written:  # on the disk before the rename, or a crash could
             os.fsync(written.fileno())  # leave the new name on an empty file
         os.replace(tmp, path)

@@ -31,6 +31,7 @@ from llm.attention import (
     copy_wrapper_into_fused,
     simple_self_attention,
 )
+from llm.files import atomic_path
 from llm.generate import encode_prompt
 from llm.model import GPT
 from llm.tokenizer import Tokenizer
@@ -148,8 +149,8 @@ def loss_curve_figure(
     missing = [tag for tag in tags if tag not in events.Tags()["scalars"]]
     if missing:
         raise ValueError(
-            f"{tensorboard_dir} holds no {', '.join(missing)} scalars: give the tensorboard "
-            "folder of a training run"
+            f"{tensorboard_dir} holds no {', '.join(missing)} scalars: is it from a training "
+            "run that logged a validation?"
         )
     figure = Figure(figsize=(6.4, 3.6))
     axes = figure.add_subplot()
@@ -179,10 +180,12 @@ def save_figures(
         )
     paths = []
     if png_dir is not None:
-        Path(png_dir).mkdir(parents=True, exist_ok=True)
+        if Path(png_dir).is_file():
+            raise ValueError(f"{png_dir} is a file: give a folder to write the PNG files to")
         for name, figure in figures.items():
             paths.append(Path(png_dir) / f"{name}.png")
-            figure.savefig(paths[-1], dpi=120)
+            with atomic_path(paths[-1]) as tmp:
+                figure.savefig(tmp, dpi=120, format="png")
     if tensorboard_dir is not None:
         with SummaryWriter(str(tensorboard_dir)) as writer:
             for name, figure in figures.items():

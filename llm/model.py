@@ -78,7 +78,8 @@ class GPTConfig:
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}."
             )
-        if not 0.0 <= self.dropout < 1.0:
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not (isinstance(dropout, int | float) and 0 <= dropout < 1):
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         kv = self.n_kv_head
         if kv is not None and (not _is_positive_int(kv) or self.n_head % kv):

@@ -42,7 +42,7 @@ def register_model_presets() -> None:
 
 # Every number the run depends on, checked before anything is built.
 CHECKS: list[Check] = [
-    ("seed", INTEGER, non_negative, "a non-negative integer"),
+    ("seed", INTEGER, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     ("trainer.max_steps", INTEGER, positive, "a positive integer"),
     ("trainer.val_check_interval", INTEGER, positive, "a positive integer (steps)"),
     ("trainer.log_every_n_steps", INTEGER, positive, "a positive integer"),

@@ -99,8 +99,8 @@ def load_tokenizer(name: str = "gpt2", path: str | Path | None = None) -> Tokeni
     except Exception as err:  # tiktoken raises whatever its HTTP client or cache raises
         raise TokenizerError(
             f"could not download the {name!r} tokenizer ({type(err).__name__}: {err}); "
-            f"offline, use tokenizer.path=/path/to/{name}.tiktoken (a local ranks file) "
-            f"or tokenizer.name=bytes"
+            f"offline, give a local ranks file, tokenizer.path=/path/to/{name}.tiktoken "
+            f"(or train with tokenizer.name=bytes)"
         ) from None
 
 

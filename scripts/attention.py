@@ -7,20 +7,21 @@
 ``ladder`` draws what each step of the attention ladder computes on the six-token toy input.
 """
 
-import argparse
-
-from llm.checkpoint import load_model
+from llm.checkpoint import load_model_and_tokenizer
+from llm.checks import ArgumentParser
 from llm.errors import one_line_errors
 from llm.inspect import TOY_INPUTS, TOY_TOKENS, ladder_figure, model_attention_figures, save_figures
-from llm.tokenizer import load_tokenizer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     model_parser = commands.add_parser("model", help="a model's maps for a prompt, per layer")
     model_parser.add_argument("checkpoint", help=".ckpt, .safetensors or Hugging Face GPT-2 folder")
     model_parser.add_argument("prompt", help="the text to read (a few tokens keep maps legible)")
+    model_parser.add_argument(
+        "--tokenizer-path", help="a local ranks file for the model's tokenizer (offline)"
+    )
     commands.add_parser("ladder", help="each attention ladder step on the toy input")
     for command in commands.choices.values():
         command.add_argument("--png", metavar="DIR", help="write one PNG per figure here")
@@ -31,8 +32,8 @@ def main() -> None:
 
     with one_line_errors():
         if args.command == "model":
-            model, tokenizer_spec = load_model(args.checkpoint)
-            figures = model_attention_figures(model, load_tokenizer(**tokenizer_spec), args.prompt)
+            model, tokenizer = load_model_and_tokenizer(args.checkpoint, "cpu", args.tokenizer_path)
+            figures = model_attention_figures(model, tokenizer, args.prompt)
         else:
             figures = {"ladder": ladder_figure(TOY_INPUTS, TOY_TOKENS)}
         paths = save_figures(figures, args.png, args.tensorboard)

@@ -12,7 +12,6 @@ a band mask and by FlexAttention (forward only on a CPU, where FlexAttention has
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import sys
@@ -32,7 +31,7 @@ from llm.attention import (
     SlidingWindowAttention,
     simple_self_attention,
 )
-from llm.checks import at_least
+from llm.checks import ArgumentParser, at_least
 from llm.errors import one_line_errors
 from llm.hardware import device_from_name
 
@@ -124,7 +123,7 @@ def time_forward_backward(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=at_least(1), default=4)
     parser.add_argument("--tokens", type=at_least(1), default=256)
     parser.add_argument("--dim", type=at_least(1), default=256)

@@ -11,7 +11,6 @@ measurement runs in a fresh process, so peak RSS belongs to that measurement alo
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import resource
@@ -25,7 +24,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from llm.checks import at_least
+from llm.checks import ArgumentParser, at_least
 from llm.errors import one_line_errors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +94,7 @@ def write_synthetic(source: Path, dest: Path, megabytes: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text", type=Path, default=SHARED / "tinyshakespeare.txt")
     parser.add_argument("--ranks", type=Path, default=SHARED / "gpt2.tiktoken")
     parser.add_argument("--synthetic-mb", type=at_least(1), default=200)
@@ -104,6 +103,11 @@ def main() -> None:
         "--repeat", type=at_least(1), default=3, help="runs per measurement; best counts"
     )
     args = parser.parse_args()
+    for flag, path in (("--text", args.text), ("--ranks", args.ranks)):
+        if not path.is_file():
+            raise FileNotFoundError(f"{flag} {path} is not a file; give one with {flag} PATH")
+    if not args.text.read_text().strip():  # the synthetic corpus repeats its lines
+        raise ValueError(f"--text {args.text} holds no text; give a text file")
 
     print(
         f"{args.threads} threads, {os.cpu_count()} CPUs, best of {args.repeat}; "

@@ -21,7 +21,6 @@ which skips the blocks outside the band) and decode speed and cache memory.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import tempfile
 import time
@@ -32,7 +31,7 @@ from torch import Tensor
 
 from llm.attention import SlidingWindowAttention
 from llm.checkpoint import save_hf
-from llm.checks import at_least
+from llm.checks import ArgumentParser, at_least
 from llm.errors import one_line_errors
 from llm.generate import generate_tokens
 from llm.model import GPT, GPTConfig
@@ -56,7 +55,7 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--new-tokens", type=at_least(1), default=256)
     parser.add_argument("--skip-no-cache", action="store_true", help="skip the slow no-cache row")
     parser.add_argument(

@@ -18,7 +18,6 @@ tuning.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import time
@@ -30,7 +29,7 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from torch.utils.data import DataLoader, TensorDataset
 
 from llm.callbacks import TokenThroughputMonitor
-from llm.checks import at_least
+from llm.checks import ArgumentParser, at_least
 from llm.errors import one_line_errors
 from llm.hardware import device_from_name, peak_flops
 from llm.model import GPT, GPTConfig
@@ -181,7 +180,7 @@ def lightning_loop(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="gpt-micro")
     parser.add_argument("--batch", type=at_least(1), default=16)
     parser.add_argument("--tokens", type=at_least(1), default=128)

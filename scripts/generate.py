@@ -14,7 +14,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llm.checkpoint import load_model
+from llm.checkpoint import load_model_and_tokenizer
 from llm.checks import (
     BOOLEAN,
     INTEGER,
@@ -29,7 +29,6 @@ from llm.checks import (
 from llm.errors import one_line_errors, run_hydra_main
 from llm.generate import TextStream, encode_prompt, generate
 from llm.hardware import device_from_name, has_fast_bf16
-from llm.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,7 +38,7 @@ CHECKS: list[Check] = [
     ("temperature", NUMBER, non_negative, "a non-negative number (0 is greedy)"),
     ("top_k", OPTIONAL_INTEGER, lambda v: v is None or v >= 1, "a positive integer or null"),
     ("top_p", OPTIONAL_NUMBER, lambda v: v is None or 0 < v <= 1, "a number in (0, 1] or null"),
-    ("seed", INTEGER, non_negative, "a non-negative integer"),
+    ("seed", INTEGER, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
     ("use_cache", BOOLEAN, lambda v: True, "true or false"),
     ("show_speed", BOOLEAN, lambda v: True, "true or false"),
 ]
@@ -51,28 +50,40 @@ def read_prompt(cfg: DictConfig) -> str:
         raise ValueError("give prompt or prompt_file, not both")
     if cfg.prompt is not None:
         return str(cfg.prompt)
-    if cfg.prompt_file == "-" or (cfg.prompt_file is None and not sys.stdin.isatty()):
-        return sys.stdin.read()
+    stdin_open = sys.stdin is not None  # None when the shell closed it (<&-)
+    if cfg.prompt_file == "-" or (
+        cfg.prompt_file is None and stdin_open and not sys.stdin.isatty()
+    ):
+        if not stdin_open:
+            raise ValueError("prompt_file=- reads stdin, but stdin is closed; give prompt=...")
+        return decoded(sys.stdin.buffer.read(), "stdin")
     if cfg.prompt_file is None:
         raise ValueError('no prompt: give prompt="...", prompt_file=PATH, or pipe text to stdin')
-    if not Path(cfg.prompt_file).is_file():
-        raise FileNotFoundError(f"prompt_file {cfg.prompt_file} not found")
-    return Path(cfg.prompt_file).read_text()
+    path = Path(str(cfg.prompt_file))
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt_file {path} not found, or not a file")
+    return decoded(path.read_bytes(), f"prompt_file {path}")
+
+
+def decoded(text: bytes, source: str) -> str:
+    try:
+        return text.decode()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{source} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def run(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "checkpoint"):
+    if OmegaConf.is_missing(cfg, "checkpoint") or cfg.checkpoint is None:
         raise ValueError("no model: give checkpoint=PATH (a .ckpt, .safetensors or GPT-2 folder)")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     check_values(cfg, CHECKS)
     device = device_from_name(cfg.device)
     prompt = read_prompt(cfg)
-    model, tokenizer_spec = load_model(cfg.checkpoint, device)
+    model, tokenizer = load_model_and_tokenizer(str(cfg.checkpoint), device, cfg.tokenizer.path)
     # Decoding reads every weight once per token: bf16 weights halve that where bf16 is fast.
     auto_dtype = "bfloat16" if has_fast_bf16(device.type) else "float32"
     model.to(DTYPES[auto_dtype if cfg.dtype == "auto" else cfg.dtype])
-    tokenizer = load_tokenizer(**tokenizer_spec)
     idx = encode_prompt(tokenizer, prompt, model.config.context_length, device)
     generator = torch.Generator(device).manual_seed(cfg.seed)
 

@@ -5,15 +5,15 @@
 writes ``docs/loss_curve.png`` from the run's TensorBoard logs (``<run>/tensorboard``).
 """
 
-import argparse
 from pathlib import Path
 
+from llm.checks import ArgumentParser
 from llm.errors import one_line_errors
 from llm.inspect import loss_curve_figure, save_figures
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path, help="a training run's output folder")
     parser.add_argument("--png", metavar="DIR", required=True, help="write loss_curve.png here")
     args = parser.parse_args()

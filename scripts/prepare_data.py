@@ -9,17 +9,17 @@ Running it again with unchanged inputs does nothing. See llm/data.py for the det
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
 from llm import data
+from llm.checks import ArgumentParser
 from llm.errors import one_line_errors
 from llm.tokenizer import load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "source",
         nargs="?",

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import llm.checkpoint
 from llm.callbacks import AtomicCheckpointIO
-from llm.checkpoint import load_model, save_hf, save_model
+from llm.checkpoint import load_model, load_model_and_tokenizer, save_hf, save_model
 from llm.model import GPT, GPTConfig
 
 BYTES = {"name": "bytes", "path": None}
@@ -184,3 +184,37 @@ def test_a_truncated_safetensors_file_is_reported_as_corrupt(tmp_path):
 def test_a_folder_without_a_gpt2_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"folder without config\.json and model\.safetensors"):
         load_model(tmp_path)
+
+
+def test_a_safetensors_header_length_that_starts_like_a_pickle_still_loads(tmp_path):
+    """A safetensors file starts with its header's length: 1 in 32 of them with the byte that
+    also starts a pickle. The header may be padded with spaces, which makes one such file."""
+    model = tiny_model()
+    save_model(model, tmp_path / "model.safetensors", BYTES)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    padded = length + (0x80 - length) % 256  # the next length whose low byte is 0x80
+    header = data[8 : 8 + length] + b" " * (padded - length)
+    (tmp_path / "padded.safetensors").write_bytes(
+        padded.to_bytes(8, "little") + header + data[8 + length :]
+    )
+    assert (tmp_path / "padded.safetensors").read_bytes()[:1] == b"\x80"
+    assert same_logits(model, load_model(tmp_path / "padded.safetensors")[0])
+
+
+def test_a_garbled_tokenizer_in_a_model_file_is_refused(tmp_path):
+    write_training_checkpoint(tiny_model(), tmp_path / "bad.ckpt")
+    checkpoint = torch.load(tmp_path / "bad.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["tokenizer"] = {"nme": "bytes"}
+    torch.save(checkpoint, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=r"names its tokenizer as \{'nme': 'bytes'\}"):
+        load_model(tmp_path / "bad.ckpt")
+
+
+def test_a_model_and_a_tokenizer_of_other_vocabularies_are_refused(tmp_path):
+    save_model(tiny_model(), tmp_path / "model.safetensors", BYTES)
+    model, tokenizer = load_model_and_tokenizer(tmp_path / "model.safetensors")
+    assert tokenizer.vocab_size == model.config.vocab_size == 257
+    save_model(tiny_model(vocab_size=300), tmp_path / "other.safetensors", BYTES)
+    with pytest.raises(ValueError, match="vocabulary of 300 tokens, but its tokenizer 'bytes' has"):
+        load_model_and_tokenizer(tmp_path / "other.safetensors")

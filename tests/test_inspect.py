@@ -172,3 +172,9 @@ def test_loss_curve_figure_draws_each_logged_loss(tmp_path: Path) -> None:
 def test_loss_curve_figure_refuses_a_folder_without_losses(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="holds no train/loss, val/loss scalars"):
         loss_curve_figure(tmp_path)
+
+
+def test_figures_are_not_written_over_a_file(tmp_path):
+    (tmp_path / "maps").write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file: give a folder"):
+        save_figures({"ladder": ladder_figure(TOY_INPUTS, TOY_TOKENS)}, png_dir=tmp_path / "maps")
