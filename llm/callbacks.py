@@ -19,7 +19,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from llm.checkpoint import model_from_weights
 from llm.files import atomic_path
-from llm.generate import check_sampling, generate_text
+from llm.generate import check_sampling, encode_prompt, generate_text
 from llm.hardware import peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
 from llm.model import GPT, own_parameter_name
@@ -133,10 +133,11 @@ class InspectionLogger(L.Callback):
         top_k: int | None = 50,
     ) -> None:
         # Checked here, before any training, rather than at the first validation.
-        if not probe_text or max_probe_tokens < 1 or sample_tokens < 0:
+        if not probe_text or not sample_prompt or max_probe_tokens < 1 or sample_tokens < 0:
             raise ValueError(
-                "needs a probe_text, max_probe_tokens >= 1 and sample_tokens >= 0; got "
-                f"{probe_text!r}, {max_probe_tokens} and {sample_tokens}"
+                "needs a probe_text, a sample_prompt, max_probe_tokens >= 1 and sample_tokens "
+                f">= 0; got {probe_text!r}, {sample_prompt!r}, {max_probe_tokens} and "
+                f"{sample_tokens}"
             )
         check_sampling(temperature, top_k, top_p=None)
         self.probe_text = probe_text
@@ -145,6 +146,18 @@ class InspectionLogger(L.Callback):
         self.sample_tokens = sample_tokens
         self.temperature = temperature
         self.top_k = top_k
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The sample prompt must fit the model's context: checked before training, once the
+        # tokenizer is known, rather than at the first validation.
+        try:
+            encode_prompt(
+                trainer.datamodule.tokenizer,
+                self.sample_prompt,
+                pl_module.model.config.context_length,
+            )
+        except ValueError as err:
+            raise ValueError(f"the inspection's sample_prompt: {err}") from None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tensorboard = next(

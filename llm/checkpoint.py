@@ -144,10 +144,15 @@ def read_training_checkpoint(
     return config, state_dict, _tokenizer_spec(hyper_parameters["tokenizer"], path)
 
 
-def training_checkpoint_config(path: Path, wanted: str = ACCEPTED) -> GPTConfig:
-    """The model config of a training checkpoint, for checks before training: none of its
-    tensors is read. Raises like ``read_training_checkpoint``."""
-    return _config(_load_training_checkpoint(path, wanted)["hyper_parameters"]["model"], path)
+def training_checkpoint_config(
+    path: Path, wanted: str = ACCEPTED
+) -> tuple[GPTConfig, dict[str, Any]]:
+    """The model config and tokenizer spec of a training checkpoint, for checks before
+    training: none of its tensors is read. Raises like ``read_training_checkpoint``."""
+    hyper_parameters = _load_training_checkpoint(path, wanted)["hyper_parameters"]
+    return _config(hyper_parameters["model"], path), _tokenizer_spec(
+        hyper_parameters["tokenizer"], path
+    )
 
 
 def _load_training_checkpoint(path: Path, wanted: str) -> dict[str, Any]:

@@ -197,6 +197,11 @@ def scan(path: Path) -> SourceFile:
     chars = replacements = genuine = 0
     tail = b""
     for raw, text in _decoded_blocks(path):
+        if b"\0" in raw:  # text never holds NUL bytes; binary files and UTF-16 text do
+            raise DataError(
+                f"source file {path} holds NUL bytes: it is binary or UTF-16, not UTF-8 text; "
+                "convert it to UTF-8 or leave it out"
+            )
         digest.update(raw)
         chars += len(text)
         replacements += text.count("\ufffd")
@@ -264,7 +269,15 @@ def prepare(
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     out_dir = Path(data_dir) / dataset_name(source)
-    files = [scan(path) for path in source_files(source, data_dir)]
+    paths = source_files(source, data_dir)
+    if source not in REMOTE_SOURCES:  # a download is cached in out_dir, and that is fine
+        mixed = [path for path in paths if out_dir.resolve() in path.resolve().parents]
+        if mixed:
+            raise DataError(
+                f"the prepared data would go to {out_dir}, among the source files ({mixed[0]}), "
+                "and be read as text next time: choose another data folder"
+            )
+    files = [scan(path) for path in paths]
     dtype = token_dtype(tokenizer.vocab_size)
     inputs = {
         "tokenizer": tokenizer.name,

@@ -18,6 +18,13 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 # is a bug and keeps its traceback.
 EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, OmegaConfBaseException)
 
+# Hydra's own messages that do not say how to fix what they refuse.
+HYDRA_FIXES = {
+    "Config group override must be a string or a list. Got NoneType": (
+        "to leave a config group out, delete it: ~logger, not logger=null"
+    ),
+}
+
 
 def first_line(error: BaseException) -> str:
     """The first line of ``error``'s message, or its type's name when it has none."""
@@ -111,7 +118,10 @@ def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
         sys.exit(1)
     except EXPECTED_ERRORS as error:
         # OmegaConf adds lines about the node's type after its first, which says it all.
-        print(f"error: {first_line(error)}", file=sys.stderr)
+        message = first_line(error)
+        if message in HYDRA_FIXES:
+            message = f"{message}; {HYDRA_FIXES[message]}"
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     except InstantiationException as error:
         # Hydra wraps what a config's class raised in lines of its own.

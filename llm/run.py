@@ -88,10 +88,19 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.ckpt_path is not None:
         if not Path(cfg.ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist; give a .ckpt file.")
-        # A truncated, foreign or unsafe file, or one of another model, fails here in one line
-        # rather than in Lightning. The vocabulary is the tokenizer's, checked once it is loaded.
-        saved = training_checkpoint_config(Path(cfg.ckpt_path), wanted=RESUMABLE)
+            raise FileNotFoundError(
+                f"ckpt_path={cfg.ckpt_path} does not exist or is a folder; give a .ckpt file."
+            )
+        # A truncated, foreign or unsafe file, or one of another model or tokenizer, fails here
+        # in one line rather than in Lightning, and before any data is prepared. The vocabulary
+        # is the tokenizer's, checked once it is loaded.
+        saved, tokenizer = training_checkpoint_config(Path(cfg.ckpt_path), wanted=RESUMABLE)
+        if tokenizer["name"] != cfg.tokenizer.name:
+            raise ValueError(
+                f"ckpt_path={cfg.ckpt_path} was trained with the tokenizer {tokenizer['name']!r}, "
+                f"this run uses {cfg.tokenizer.name!r}; resume with "
+                f"tokenizer.name={tokenizer['name']}"
+            )
         current = {**OmegaConf.to_container(cfg.model), "vocab_size": saved.vocab_size}
         check_same_model(saved.to_dict(), current)
 
@@ -130,7 +139,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         tokenizer=OmegaConf.to_container(cfg.tokenizer),
         _convert_="all",
     )
-    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]  # key=null: off
     if not cfg.trainer.enable_progress_bar:  # Lightning refuses a bar callback it may not show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: L.Trainer = instantiate(

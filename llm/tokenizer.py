@@ -85,6 +85,11 @@ def load_tokenizer(name: str = "gpt2", path: str | Path | None = None) -> Tokeni
     ranks prepares data that matches data prepared with the downloaded ``gpt2``).
     """
     if path is not None:
+        if name == "bytes":  # the file would be read, and labelled "bytes"
+            raise TokenizerError(
+                "the bytes tokenizer has no ranks file: drop tokenizer.path, or name the "
+                "encoding the file holds (tokenizer.name=gpt2)"
+            )
         return Tokenizer(_encoding_from_ranks_file(Path(path), name))
     if name == "bytes":
         return Tokenizer(_bytes_encoding())
@@ -120,8 +125,8 @@ def _encoding_from_ranks_file(path: Path, name: str) -> tiktoken.Encoding:
     # local files into its download cache.
     if not path.is_file():
         raise FileNotFoundError(
-            f"tokenizer file {path} not found: give tokenizer.path a tiktoken ranks file "
-            f"such as gpt2.tiktoken, or use tokenizer.name=bytes"
+            f"tokenizer file {path} not found, or a folder: give tokenizer.path a tiktoken "
+            f"ranks file such as gpt2.tiktoken, or use tokenizer.name=bytes"
         )
     ranks: dict[bytes, int] = {}
     for number, line in enumerate(path.read_bytes().splitlines(), start=1):

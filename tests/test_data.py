@@ -204,6 +204,23 @@ def test_empty_file(tmp_path: Path, bytes_tok: Tokenizer) -> None:
         prepare(str(tmp_path / "empty.txt"), bytes_tok, tmp_path / "data")
 
 
+def test_binary_and_utf16_files_are_refused(tmp_path: Path, bytes_tok: Tokenizer) -> None:
+    (tmp_path / "notes.txt").write_text("hello\n" * 20, encoding="utf-16")
+    with pytest.raises(DataError, match=r"notes\.txt holds NUL bytes: it is binary or UTF-16"):
+        prepare(str(tmp_path / "notes.txt"), bytes_tok, tmp_path / "data")
+
+
+def test_prepared_data_is_never_written_among_its_sources(
+    tmp_path: Path, bytes_tok: Tokenizer
+) -> None:
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some text\n" * 20)
+    # The output folder is <data_dir>/<folder name>: here the source folder itself.
+    with pytest.raises(DataError, match=r"would go to .*corpus, among the source files"):
+        prepare(str(tmp_path / "corpus"), bytes_tok, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "corpus").iterdir()) == ["a.txt"]
+
+
 def test_glob_that_matches_nothing(tmp_path: Path, bytes_tok: Tokenizer) -> None:
     with pytest.raises(FileNotFoundError, match="matches no files"):
         prepare(str(tmp_path / "*.nothing"), bytes_tok, tmp_path / "data")

@@ -59,6 +59,11 @@ def test_missing_ranks_file(tmp_path: Path) -> None:
         load_tokenizer(path=tmp_path / "nope.tiktoken")
 
 
+def test_the_bytes_tokenizer_takes_no_ranks_file(tiny_ranks_file: Path) -> None:
+    with pytest.raises(TokenizerError, match="the bytes tokenizer has no ranks file"):
+        load_tokenizer("bytes", path=tiny_ranks_file)
+
+
 @pytest.mark.parametrize(
     "content",
     [b"not base64 at all\n", b"YQ== zero\n", b"YQ== 0\n"],  # bad line, bad rank, incomplete

@@ -27,6 +27,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from llm.callbacks import (
     GracefulStop,
+    InspectionLogger,
     LossProgressBar,
     TokenThroughputMonitor,
     whole_model_on_rank_zero,
@@ -217,6 +218,7 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
         f"ckpt_path={tmp_path / 'missing.ckpt'}": "does not exist",
         f"ckpt_path={not_a_checkpoint}": "could not be read as a training checkpoint",
         "data=text": "data.source",
+        "logger=null": "to leave a config group out, delete it: ~logger",
     }
     if not torch.cuda.is_available():
         cases["trainer=gpu"] = "torch sees no CUDA GPU"
@@ -314,13 +316,16 @@ def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, sign
 
     cfg = compose_run(tiny_overrides(corpus, first_dir, *extra), first_dir)
     with open_dict(cfg):
-        cfg.callbacks.signal = {"_target_": f"{__name__}.SignalAtStep", "step": 4, "signum": signum}
+        # Before the first validation (at step 3): no checkpoint has been written yet.
+        cfg.callbacks.signal = {"_target_": f"{__name__}.SignalAtStep", "step": 1, "signum": signum}
     stopped = train(cfg)
     assert stopped.signal_name == signal.Signals(signum).name
     interrupted = first_dir / "checkpoints" / "last.ckpt"
     assert stopped.checkpoint_path == interrupted
-    # The signal lands after step 4 was checked, so step 5 finishes before the stop.
-    assert torch.load(interrupted, weights_only=True)["global_step"] == 5
+    # The signal lands after step 1 was checked, so step 2 finishes before the stop.
+    assert torch.load(interrupted, weights_only=True)["global_step"] == 2
+    # The stop's own last.ckpt and the stop-time validation's land in one file, not two.
+    assert sorted(p.name for p in interrupted.parent.iterdir()) == ["best.ckpt", "last.ckpt"]
 
     train_tiny(corpus, second_dir, *extra, f"ckpt_path={interrupted}")
     whole = final_weights(whole_dir / "checkpoints" / "last.ckpt")
@@ -369,6 +374,27 @@ def test_resuming_with_another_model_config_fails_clearly(corpus, tmp_path):
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match="n_layer: 2 in the checkpoint, 3 now"):
         train_tiny(corpus, tmp_path / "other", "model.n_layer=3", f"ckpt_path={checkpoint}")
+    # Refused before the data is prepared again with the other tokenizer (over the old data).
+    prepared = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")}
+    with pytest.raises(ValueError, match="tokenizer 'bytes', this run uses 'gpt2'"):
+        train_tiny(corpus, tmp_path / "other", "tokenizer.name=gpt2", f"ckpt_path={checkpoint}")
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")} == prepared
+
+
+def test_a_callback_set_to_null_is_left_out(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_run(tiny_overrides(corpus, run_dir, "callbacks.inspection=null"), run_dir)
+    _, _, trainer = build(cfg)
+    assert any(isinstance(c, GracefulStop) for c in trainer.callbacks)
+    assert not any(c is None or isinstance(c, InspectionLogger) for c in trainer.callbacks)
+
+
+@pytest.mark.slow
+def test_a_sample_prompt_longer_than_the_context_fails_before_training(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match="sample_prompt: the prompt has 40 tokens"):
+        train_tiny(corpus, run_dir, f"callbacks.inspection.sample_prompt={'x' * 40}")
+    assert not (run_dir / "checkpoints").exists()
 
 
 def fsdp_rank(rank: int, store: str, strategy_kwargs: dict, results: str) -> None:
