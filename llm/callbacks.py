@@ -147,15 +147,11 @@ class InspectionLogger(L.Callback):
         self.temperature = temperature
         self.top_k = top_k
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # The sample prompt must fit the model's context: checked before training, once the
-        # tokenizer is known, rather than at the first validation.
+    def check_sample_prompt(self, tokenizer: Tokenizer, context_length: int) -> None:
+        """Raise a ValueError unless the sample prompt fits the model's context: to call before
+        any work, once the tokenizer is known, rather than fail at the first validation."""
         try:
-            encode_prompt(
-                trainer.datamodule.tokenizer,
-                self.sample_prompt,
-                pl_module.model.config.context_length,
-            )
+            encode_prompt(tokenizer, self.sample_prompt, context_length)
         except ValueError as err:
             raise ValueError(f"the inspection's sample_prompt: {err}") from None
 

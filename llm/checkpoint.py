@@ -58,8 +58,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
     else:
         with path.open("rb") as file:
             head = file.read(9)
-        # safetensors first: its header length can start with the pickle opcode's byte.
-        if _is_safetensors(head, path.stat().st_size):
+        # safetensors: an 8-byte header length, then a JSON header. Checked first: the length
+        # can start with the byte that starts a pickle. Byte 8 is never "{" in torch's formats.
+        if head[8:9] == b"{":
             config, state_dict, tokenizer = _read_safetensors(path)
         elif head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
             config, state_dict, tokenizer = read_training_checkpoint(path)
@@ -67,12 +68,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
             raise ValueError(f"{path} is not a model file llm knows: give {ACCEPTED}")
     model = model_from_weights(config, state_dict, path)
     return model.to(device).eval(), tokenizer
-
-
-def _is_safetensors(head: bytes, size: int) -> bool:
-    """Whether a file of ``size`` bytes starting with ``head`` (9 bytes) is safetensors: an
-    8-byte little-endian header length that fits the file, then the JSON header."""
-    return head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
 
 
 def load_model_and_tokenizer(
@@ -234,7 +229,12 @@ def _config(fields: dict[str, Any], source: Path) -> GPTConfig:
 
 def _tokenizer_spec(spec: Any, source: Path) -> dict[str, Any]:
     """The ``load_tokenizer`` arguments a model file names, checked."""
-    if not isinstance(spec, dict) or not spec.keys() <= {"name", "path"}:
+    if (
+        not isinstance(spec, dict)
+        or spec.keys() - {"name", "path"}
+        or not isinstance(spec.get("name"), str)
+        or not isinstance(spec.get("path"), str | None)
+    ):
         raise ValueError(
             f"{source} names its tokenizer as {spec!r}, not as {{'name': ..., 'path': ...}}; "
             "is it corrupt?"

@@ -269,14 +269,12 @@ def prepare(
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     out_dir = Path(data_dir) / dataset_name(source)
-    paths = source_files(source, data_dir)
-    if source not in REMOTE_SOURCES:  # a download is cached in out_dir, and that is fine
-        mixed = [path for path in paths if out_dir.resolve() in path.resolve().parents]
-        if mixed:
-            raise DataError(
-                f"the prepared data would go to {out_dir}, among the source files ({mixed[0]}), "
-                "and be read as text next time: choose another data folder"
-            )
+    # Where out_dir is the source folder (or a glob reaches into it), the files prepared
+    # before must not be read as text.
+    outputs = {(out_dir / name).resolve() for name in ("train.bin", "val.bin", "meta.json")}
+    paths = [path for path in source_files(source, data_dir) if path.resolve() not in outputs]
+    if not paths:
+        raise FileNotFoundError(f"source {source!r} holds only prepared data: give text files")
     files = [scan(path) for path in paths]
     dtype = token_dtype(tokenizer.vocab_size)
     inputs = {

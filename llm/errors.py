@@ -21,7 +21,7 @@ EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, OmegaConfBaseExcepti
 # Hydra's own messages that do not say how to fix what they refuse.
 HYDRA_FIXES = {
     "Config group override must be a string or a list. Got NoneType": (
-        "to leave a config group out, delete it: ~logger, not logger=null"
+        "to leave a config group out, delete it: ~GROUP (e.g. ~logger), not GROUP=null"
     ),
 }
 
@@ -41,6 +41,8 @@ def refused_config(error: InstantiationException) -> str | None:
         isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause)  # a typo
     ):
         message = first_line(cause)
+    elif isinstance(cause, RuntimeError) and out_of_memory(cause):  # e.g. too big a model
+        message = out_of_memory_message(cause)
     else:
         return None
     # Hydra names the config key in a line of its own: "full_key: callbacks.throughput".
@@ -52,6 +54,19 @@ def refused_config(error: InstantiationException) -> str | None:
 def out_of_memory(error: RuntimeError) -> bool:
     """Whether ``error`` is torch failing to allocate memory, on a GPU or on the CPU."""
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def out_of_memory_message(error: RuntimeError) -> str:
+    return f"out of memory ({first_line(error)}); try a smaller batch, context or model"
+
+
+def stdout_is_closed() -> bool:
+    """Whether stdout's reader has gone away (``| head``): what is left to write cannot go."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    return False
 
 
 def sentence(text: str) -> str:
@@ -113,8 +128,11 @@ def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
     except (ConfigCompositionException, OverrideParseException) as error:
         print(f"error: {composition_error(error)}", file=sys.stderr)
         sys.exit(1)
-    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+    except BrokenPipeError as error:
+        if not stdout_is_closed():  # another pipe: an error like any other
+            print(f"error: {first_line(error)}", file=sys.stderr)
+        else:  # stop quietly, as Unix tools do; devnull takes what Python flushes at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except EXPECTED_ERRORS as error:
         # OmegaConf adds lines about the node's type after its first, which says it all.
@@ -133,10 +151,7 @@ def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
     except RuntimeError as error:
         if not out_of_memory(error):
             raise
-        print(
-            f"error: out of memory ({first_line(error)}); try a smaller batch, context or model",
-            file=sys.stderr,
-        )
+        print(f"error: {out_of_memory_message(error)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)

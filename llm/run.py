@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from llm.callbacks import AtomicCheckpointIO, GracefulStop
+from llm.callbacks import AtomicCheckpointIO, GracefulStop, InspectionLogger
 from llm.checkpoint import training_checkpoint_config
 from llm.checks import INTEGER, NUMBER, Check, check_values, non_negative, positive
 from llm.hardware import has_fast_bf16
@@ -140,6 +140,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         _convert_="all",
     )
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]  # key=null: off
+    for callback in callbacks:
+        if isinstance(callback, InspectionLogger):
+            callback.check_sample_prompt(datamodule.tokenizer, model_config.context_length)
     if not cfg.trainer.enable_progress_bar:  # Lightning refuses a bar callback it may not show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: L.Trainer = instantiate(

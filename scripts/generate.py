@@ -39,6 +39,7 @@ CHECKS: list[Check] = [
     ("top_k", OPTIONAL_INTEGER, lambda v: v is None or v >= 1, "a positive integer or null"),
     ("top_p", OPTIONAL_NUMBER, lambda v: v is None or 0 < v <= 1, "a number in (0, 1] or null"),
     ("seed", INTEGER, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    ("tokenizer.path", (str, type(None)), lambda v: True, "a file path or null"),
     ("use_cache", BOOLEAN, lambda v: True, "true or false"),
     ("show_speed", BOOLEAN, lambda v: True, "true or false"),
 ]

@@ -210,15 +210,14 @@ def test_binary_and_utf16_files_are_refused(tmp_path: Path, bytes_tok: Tokenizer
         prepare(str(tmp_path / "notes.txt"), bytes_tok, tmp_path / "data")
 
 
-def test_prepared_data_is_never_written_among_its_sources(
-    tmp_path: Path, bytes_tok: Tokenizer
-) -> None:
+def test_prepared_data_is_never_read_as_a_source(tmp_path: Path, bytes_tok: Tokenizer) -> None:
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("some text\n" * 20)
     # The output folder is <data_dir>/<folder name>: here the source folder itself.
-    with pytest.raises(DataError, match=r"would go to .*corpus, among the source files"):
-        prepare(str(tmp_path / "corpus"), bytes_tok, tmp_path)
-    assert sorted(p.name for p in (tmp_path / "corpus").iterdir()) == ["a.txt"]
+    first = read_meta(prepare(str(tmp_path / "corpus"), bytes_tok, tmp_path))
+    second = read_meta(prepare(str(tmp_path / "corpus"), bytes_tok, tmp_path))
+    assert [s["path"] for s in second["sources"]] == [str(tmp_path / "corpus" / "a.txt")]
+    assert second == first
 
 
 def test_glob_that_matches_nothing(tmp_path: Path, bytes_tok: Tokenizer) -> None:

@@ -52,6 +52,7 @@ def test_bad_input_is_one_line(tmp_path, script, arguments, message):
         timeout=120,
     )
     assert result.returncode in (1, 2), result.stderr  # 2: argparse's own usage errors
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "usage:" not in result.stderr, result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]  # after any warnings a library printed
+    assert last_line.startswith("error: ") and message in last_line, result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written

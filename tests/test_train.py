@@ -308,22 +308,26 @@ def test_validation_counts_optimizer_steps_and_ends_every_run(corpus, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, signum):
+# Before the first validation (at step 3), when no checkpoint has been written yet, and after.
+@pytest.mark.parametrize(("signum", "step"), [(signal.SIGINT, 1), (signal.SIGTERM, 4)])
+def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, signum, step):
     extra = ["trainer.max_steps=8", "model.dropout=0.1"]
     whole_dir, first_dir, second_dir = tmp_path / "whole", tmp_path / "first", tmp_path / "second"
     train_tiny(corpus, whole_dir, *extra)
 
     cfg = compose_run(tiny_overrides(corpus, first_dir, *extra), first_dir)
     with open_dict(cfg):
-        # Before the first validation (at step 3): no checkpoint has been written yet.
-        cfg.callbacks.signal = {"_target_": f"{__name__}.SignalAtStep", "step": 1, "signum": signum}
+        cfg.callbacks.signal = {
+            "_target_": f"{__name__}.SignalAtStep",
+            "step": step,
+            "signum": signum,
+        }
     stopped = train(cfg)
     assert stopped.signal_name == signal.Signals(signum).name
     interrupted = first_dir / "checkpoints" / "last.ckpt"
     assert stopped.checkpoint_path == interrupted
-    # The signal lands after step 1 was checked, so step 2 finishes before the stop.
-    assert torch.load(interrupted, weights_only=True)["global_step"] == 2
+    # The signal lands after the step was checked, so one more step finishes before the stop.
+    assert torch.load(interrupted, weights_only=True)["global_step"] == step + 1
     # The stop's own last.ckpt and the stop-time validation's land in one file, not two.
     assert sorted(p.name for p in interrupted.parent.iterdir()) == ["best.ckpt", "last.ckpt"]
 
