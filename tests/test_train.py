@@ -218,7 +218,7 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
         f"ckpt_path={tmp_path / 'missing.ckpt'}": "does not exist",
         f"ckpt_path={not_a_checkpoint}": "could not be read as a training checkpoint",
         "data=text": "data.source",
-        "logger=null": "to leave a config group out, delete it: ~logger",
+        "logger=null": "to leave a config group out, delete it: ~GROUP (e.g. ~logger)",
     }
     if not torch.cuda.is_available():
         cases["trainer=gpu"] = "torch sees no CUDA GPU"
