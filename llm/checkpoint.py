@@ -134,9 +134,8 @@ def read_training_checkpoint(
         for name, tensor in checkpoint["state_dict"].items()
         if name.startswith("model.")
     }
-    hyper_parameters = checkpoint["hyper_parameters"]
-    config = _config(hyper_parameters["model"], path)
-    return config, state_dict, _tokenizer_spec(hyper_parameters["tokenizer"], path)
+    config, tokenizer = _described_model(checkpoint["hyper_parameters"], path)
+    return config, state_dict, tokenizer
 
 
 def training_checkpoint_config(
@@ -144,9 +143,16 @@ def training_checkpoint_config(
 ) -> tuple[GPTConfig, dict[str, Any]]:
     """The model config and tokenizer spec of a training checkpoint, for checks before
     training: none of its tensors is read. Raises like ``read_training_checkpoint``."""
-    hyper_parameters = _load_training_checkpoint(path, wanted)["hyper_parameters"]
-    return _config(hyper_parameters["model"], path), _tokenizer_spec(
-        hyper_parameters["tokenizer"], path
+    return _described_model(_load_training_checkpoint(path, wanted)["hyper_parameters"], path)
+
+
+def _described_model(
+    hyper_parameters: dict[str, Any], path: Path
+) -> tuple[GPTConfig, dict[str, Any]]:
+    """The model config and tokenizer spec a training checkpoint's hyperparameters hold."""
+    return (
+        _config(hyper_parameters["model"], path),
+        _tokenizer_spec(hyper_parameters["tokenizer"], path),
     )
 
 

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 import torch
 from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
@@ -117,6 +118,12 @@ def run_hydra_main(main: Callable[[], object]) -> None:
         main()
 
 
+def fail(message: str) -> NoReturn:
+    """Print ``error: <message>`` on stderr and exit with code 1."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
 @contextmanager
 def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
     """Turn expected errors (bad input, a config Hydra or a class refuses, running out of
@@ -126,33 +133,27 @@ def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
     try:
         yield
     except (ConfigCompositionException, OverrideParseException) as error:
-        print(f"error: {composition_error(error)}", file=sys.stderr)
-        sys.exit(1)
+        fail(composition_error(error))
     except BrokenPipeError as error:
         if not stdout_is_closed():  # another pipe: an error like any other
-            print(f"error: {first_line(error)}", file=sys.stderr)
-        else:  # stop quietly, as Unix tools do; devnull takes what Python flushes at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            fail(first_line(error))
+        # Stop quietly, as Unix tools do; devnull takes what Python flushes at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except EXPECTED_ERRORS as error:
         # OmegaConf adds lines about the node's type after its first, which says it all.
         message = first_line(error)
-        if message in HYDRA_FIXES:
-            message = f"{message}; {HYDRA_FIXES[message]}"
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+        fail(f"{message}; {HYDRA_FIXES[message]}" if message in HYDRA_FIXES else message)
     except InstantiationException as error:
         # Hydra wraps what a config's class raised in lines of its own.
         message = refused_config(error)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+        fail(message)
     except RuntimeError as error:
         if not out_of_memory(error):
             raise
-        print(f"error: {out_of_memory_message(error)}", file=sys.stderr)
-        sys.exit(1)
+        fail(out_of_memory_message(error))
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         sys.exit(130)

@@ -48,6 +48,10 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """Hyperparameters of a GPT; checked on construction. Defaults are GPT-2 small (124M)."""
@@ -78,8 +82,7 @@ class GPTConfig:
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}."
             )
-        dropout = self.dropout
-        if isinstance(dropout, bool) or not (isinstance(dropout, int | float) and 0 <= dropout < 1):
+        if not (_is_number(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         kv = self.n_kv_head
         if kv is not None and (not _is_positive_int(kv) or self.n_head % kv):
@@ -96,9 +99,7 @@ class GPTConfig:
                 f"GPTConfig with pos_embedding='rope' needs an even head size (n_embd / n_head), "
                 f"got {self.head_size}."
             )
-        if isinstance(self.rope_theta, bool) or not (
-            isinstance(self.rope_theta, int | float) and self.rope_theta > 0
-        ):
+        if not (_is_number(self.rope_theta) and self.rope_theta > 0):
             raise ValueError(f"GPTConfig.rope_theta must be positive, got {self.rope_theta!r}.")
         window = self.sliding_window
         if isinstance(window, list | tuple):
