@@ -5,10 +5,13 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+import sysconfig
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
+import hydra
 import torch
 from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -25,6 +28,14 @@ HYDRA_FIXES = {
         "to leave a config group out, delete it: ~GROUP (e.g. ~logger), not GROUP=null"
     ),
 }
+
+# Hydra's functions that make the run's output folder and write its config and log there,
+# before the script's own code runs.
+HYDRA_OUTPUT_WRITERS = {"run_job", "sweep", "launch", "configure_log", "_save_config"}
+HYDRA_OUTPUT_FIX = (
+    "Hydra writes the run's config and log there: set hydra.run.dir= (hydra.sweep.dir= with "
+    "--multirun) to a folder you can write"
+)
 
 
 def first_line(error: BaseException) -> str:
@@ -50,6 +61,20 @@ def refused_config(error: InstantiationException) -> str | None:
     lines = str(error).splitlines()
     keys = [line.removeprefix("full_key: ") for line in lines if line.startswith("full_key: ")]
     return f"{keys[0]}: {message}" if keys else message
+
+
+def written_by_hydra(error: OSError) -> bool:
+    """Whether ``error`` came from Hydra making the run's output folder or writing in it: the
+    innermost frame outside Python's standard library is one of Hydra's writers."""
+    stdlib, hydra_dir = sysconfig.get_paths()["stdlib"], os.path.dirname(hydra.__file__)
+    frames = [  # Hydra's own may lie inside the standard library's folder (site-packages)
+        f
+        for f in traceback.extract_tb(error.__traceback__)
+        if f.filename.startswith(hydra_dir) or not f.filename.startswith(stdlib)
+    ]
+    if not frames:
+        return False
+    return frames[-1].filename.startswith(hydra_dir) and frames[-1].name in HYDRA_OUTPUT_WRITERS
 
 
 def out_of_memory(error: RuntimeError) -> bool:
@@ -143,7 +168,11 @@ def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
     except EXPECTED_ERRORS as error:
         # OmegaConf adds lines about the node's type after its first, which says it all.
         message = first_line(error)
-        fail(f"{message}; {HYDRA_FIXES[message]}" if message in HYDRA_FIXES else message)
+        if message in HYDRA_FIXES:
+            message = f"{message}; {HYDRA_FIXES[message]}"
+        elif isinstance(error, OSError) and written_by_hydra(error):
+            message = f"{message}; {HYDRA_OUTPUT_FIX}"
+        fail(message)
     except InstantiationException as error:
         # Hydra wraps what a config's class raised in lines of its own.
         message = refused_config(error)

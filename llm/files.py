@@ -27,3 +27,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)  # gone already if renamed
+
+
+def check_folder(path: str | Path, setting: str) -> None:
+    """Fail now, in one line naming the ``setting`` that gave ``path``, where ``path`` cannot
+    become a folder to write in: a file is in its way, or the nearest folder that exists is
+    not writable. Creates nothing."""
+    existing = Path(path).absolute()
+    while not existing.exists():  # ends at the root at the latest
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is a file"
+    elif not os.access(existing, os.W_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    raise ValueError(
+        f"{setting}={path} cannot be a folder to write in ({problem}); "
+        f"set {setting} to a folder you can write"
+    )

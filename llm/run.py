@@ -3,6 +3,7 @@ datamodule, module, callbacks, logger and trainer, and fit."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -13,11 +14,14 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from llm.callbacks import AtomicCheckpointIO, GracefulStop, InspectionLogger
 from llm.checkpoint import training_checkpoint_config
 from llm.checks import INTEGER, NUMBER, Check, check_values, non_negative, positive
+from llm.data import REMOTE_SOURCES, source_files
+from llm.files import check_folder
 from llm.hardware import has_fast_bf16
 from llm.model import PRESETS, GPTConfig
 from llm.training import COMPILE_MODES, check_same_model
@@ -28,6 +32,13 @@ RESUMABLE = "a last.ckpt or best.ckpt written by scripts/train.py"
 # Lightning warns that a run resumed mid-epoch cannot resume its dataloader; ours can, since
 # the datamodule starts the loader at the restored step (llm.data.TokenDataModule).
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+# Lines every run would print that say nothing about it: the model summary's size estimate
+# in fp32 under bf16, a deprecation inside Lightning under newer torch, and an advertisement.
+warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: "litlogger" not in record.getMessage()
+)
 
 
 def register_model_presets() -> None:
@@ -79,8 +90,15 @@ def validate(cfg: DictConfig) -> None:
             "data.source is not set: give a text file, a folder or a glob, "
             "e.g. data.source=path/to/corpus.txt"
         )
+    if cfg.data.source not in REMOTE_SOURCES:  # a local source that is not there fails now
+        source_files(cfg.data.source)
     if cfg.module.min_lr > cfg.module.learning_rate:
         raise ValueError("module.min_lr must not exceed module.learning_rate.")
+    if cfg.module.warmup_steps > cfg.trainer.max_steps:  # allowed, but rarely what was meant
+        rank_zero_warn(
+            f"module.warmup_steps={cfg.module.warmup_steps} is more than trainer.max_steps="
+            f"{cfg.trainer.max_steps}: the learning rate never reaches module.learning_rate."
+        )
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(
             f"trainer.accelerator={cfg.trainer.accelerator} but torch sees no CUDA GPU here; "
@@ -103,6 +121,8 @@ def validate(cfg: DictConfig) -> None:
             )
         current = {**OmegaConf.to_container(cfg.model), "vocab_size": saved.vocab_size}
         check_same_model(saved.to_dict(), current)
+    if cfg.data.get("data_dir"):  # where prepared data goes: fail now, not after the trainer
+        check_folder(cfg.data.data_dir, "data.data_dir")
 
 
 def validation_interval(trainer: DictConfig) -> int:

@@ -9,7 +9,8 @@ Three ways to get one, all through ``load_tokenizer``:
   machine can use GPT-2 from a copy of ``gpt2.tiktoken``;
 - ``bytes``: 256 byte tokens plus ``<|endoftext|>``, built in code, needing no download.
 
-Training exposes the first two as the config keys ``tokenizer.name`` and ``tokenizer.path``.
+Training exposes the first two as the config keys ``tokenizer.name`` and ``tokenizer.path``;
+other scripts as flags, which ``TokenizerOptions`` names in the fixes that errors suggest.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,35 +79,60 @@ class Tokenizer:
         return self.encoding.decode(ids)
 
 
-def load_tokenizer(name: str = "gpt2", path: str | Path | None = None) -> Tokenizer:
+@dataclass(frozen=True)
+class TokenizerOptions:
+    """How a script's user sets the tokenizer's name and ranks file, for the fixes that error
+    messages suggest: training's config keys by default. ``name`` is None where the name is
+    not the user's to choose (a model names its own tokenizer)."""
+
+    name: str | None = "tokenizer.name"
+    path: str = "tokenizer.path"
+    separator: str = "="  # " " for command-line flags
+
+    def setting(self, option: str, value: str) -> str:
+        """``option`` set to ``value`` as the user writes it: ``tokenizer.path=x`` or
+        ``--tokenizer-path x``."""
+        return f"{option}{self.separator}{value}"
+
+    def or_bytes(self) -> str:
+        """The no-download alternative, where the user chooses the name."""
+        return f" (or use {self.setting(self.name, 'bytes')})" if self.name else ""
+
+
+def load_tokenizer(
+    name: str = "gpt2", path: str | Path | None = None, options: TokenizerOptions | None = None
+) -> Tokenizer:
     """The tokenizer called ``name``, or the one stored in the ranks file at ``path``.
 
     With ``path`` the file is read with GPT-2's split pattern and ``<|endoftext|>`` as the id
     after the last rank, and ``name`` labels it (``gpt2`` by default, so a local copy of GPT-2's
-    ranks prepares data that matches data prepared with the downloaded ``gpt2``).
+    ranks prepares data that matches data prepared with the downloaded ``gpt2``). ``options``
+    names the settings that errors suggest.
     """
+    options = options or TokenizerOptions()
+    ranks_file = options.setting(options.path, f"/path/to/{name}.tiktoken")
     if path is not None:
         if name == "bytes":  # the file would be read, and labelled "bytes"
+            name_it = options.name and options.setting(options.name, "gpt2")
             raise TokenizerError(
-                "the bytes tokenizer has no ranks file: drop tokenizer.path, or name the "
-                "encoding the file holds (tokenizer.name=gpt2)"
+                f"the bytes tokenizer has no ranks file: drop {options.path}"
+                + (f", or name the encoding the file holds ({name_it})" if name_it else "")
             )
-        return Tokenizer(_encoding_from_ranks_file(Path(path), name))
+        return Tokenizer(_encoding_from_ranks_file(Path(path), name, options))
     if name == "bytes":
         return Tokenizer(_bytes_encoding())
     if name not in tiktoken.list_encoding_names():
         known = ", ".join(["bytes", *tiktoken.list_encoding_names()])
         raise TokenizerError(
-            f"unknown tokenizer {name!r}: use one of {known}, "
-            f"or a local ranks file with tokenizer.path=/path/to/file.tiktoken"
+            f"unknown tokenizer {name!r}: use one of {known}, or a local ranks file with "
+            f"{options.setting(options.path, '/path/to/file.tiktoken')}"
         )
     try:
         return Tokenizer(tiktoken.get_encoding(name))
     except Exception as err:  # tiktoken raises whatever its HTTP client or cache raises
         raise TokenizerError(
             f"could not download the {name!r} tokenizer ({type(err).__name__}: {err}); "
-            f"offline, give a local ranks file, tokenizer.path=/path/to/{name}.tiktoken "
-            f"(or train with tokenizer.name=bytes)"
+            f"offline, give a local ranks file, {ranks_file}{options.or_bytes()}"
         ) from None
 
 
@@ -119,14 +146,16 @@ def _bytes_encoding() -> tiktoken.Encoding:
     )
 
 
-def _encoding_from_ranks_file(path: Path, name: str) -> tiktoken.Encoding:
+def _encoding_from_ranks_file(
+    path: Path, name: str, options: TokenizerOptions
+) -> tiktoken.Encoding:
     """A GPT-2-style encoding from a tiktoken ranks file: one ``base64(token) rank`` a line."""
     # Read the file here rather than with tiktoken.load.load_tiktoken_bpe, which also copies
     # local files into its download cache.
     if not path.is_file():
         raise FileNotFoundError(
-            f"tokenizer file {path} not found, or a folder: give tokenizer.path a tiktoken "
-            f"ranks file such as gpt2.tiktoken, or use tokenizer.name=bytes"
+            f"tokenizer file {path} not found, or a folder: give {options.path} a tiktoken "
+            f"ranks file such as gpt2.tiktoken{options.or_bytes()}"
         )
     ranks: dict[bytes, int] = {}
     for number, line in enumerate(path.read_bytes().splitlines(), start=1):
@@ -138,7 +167,7 @@ def _encoding_from_ranks_file(path: Path, name: str) -> tiktoken.Encoding:
         except (ValueError, binascii.Error):
             raise TokenizerError(
                 f"{path} line {number} is not '<base64 token> <rank>': "
-                f"tokenizer.path must be a ranks file in tiktoken's format"
+                f"{options.path} must be a ranks file in tiktoken's format"
             ) from None
     # Byte-pair encoding needs every single byte as a token (or some text has no encoding) and
     # ranks 0 .. n-1 (so that <|endoftext|> = n is the next free id).
@@ -147,7 +176,7 @@ def _encoding_from_ranks_file(path: Path, name: str) -> tiktoken.Encoding:
     ):
         raise TokenizerError(
             f"{path} is not a complete ranks file (all 256 single bytes, ranks 0 .. n-1 once "
-            f"each): tokenizer.path must be a ranks file in tiktoken's format"
+            f"each): {options.path} must be a ranks file in tiktoken's format"
         )
     return tiktoken.Encoding(
         name=name,

@@ -32,7 +32,9 @@ def main() -> None:
 
     with one_line_errors():
         if args.command == "model":
-            model, tokenizer = load_model_and_tokenizer(args.checkpoint, "cpu", args.tokenizer_path)
+            model, tokenizer = load_model_and_tokenizer(
+                args.checkpoint, "cpu", args.tokenizer_path, "--tokenizer-path"
+            )
             figures = model_attention_figures(model, tokenizer, args.prompt)
         else:
             figures = {"ladder": ladder_figure(TOY_INPUTS, TOY_TOKENS)}

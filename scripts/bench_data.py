@@ -20,12 +20,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from llm.checks import ArgumentParser, at_least
 from llm.errors import one_line_errors
+
+if TYPE_CHECKING:
+    from llm.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -36,12 +39,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def load_ranks(ranks_path: str) -> Tokenizer:
+    """The tokenizer in the ranks file given as ``--ranks``; imported here, in the measuring
+    process, so that its imports count towards that process's memory."""
+    from llm.tokenizer import TokenizerOptions, load_tokenizer
+
+    return load_tokenizer(path=ranks_path, options=TokenizerOptions(None, "--ranks", " "))
+
+
 def tiktoken_batch(text_path: str, ranks_path: str, threads: int, repeat: int) -> float:
     """Best seconds for encode_ordinary_batch over the text, already in memory."""
     from llm.data import BLOCK_BYTES
-    from llm.tokenizer import load_tokenizer
 
-    encoding = load_tokenizer(path=ranks_path).encoding
+    encoding = load_ranks(ranks_path).encoding
     text = Path(text_path).read_text()
     pieces = [text[i : i + BLOCK_BYTES] for i in range(0, len(text), BLOCK_BYTES)]
     group = 8 * threads
@@ -62,9 +72,8 @@ def prepare_run(
     at the end."""
     os.environ["TQDM_DISABLE"] = "1"  # no progress bars in the table
     from llm.data import prepare
-    from llm.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(path=ranks_path)
+    tokenizer = load_ranks(ranks_path)
     rss_imports = peak_rss_mb()
     times = []
     for _ in range(repeat):

@@ -15,7 +15,8 @@ import sys
 from llm import data
 from llm.checks import ArgumentParser
 from llm.errors import one_line_errors
-from llm.tokenizer import load_tokenizer
+from llm.files import check_folder
+from llm.tokenizer import TokenizerOptions, load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Every output is written to a temporary file first, and those are gone after a Ctrl-C.
     with one_line_errors(interrupted="interrupted: no files were written"):
-        tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_path)
+        check_folder(args.data_dir, "--data-dir")
+        options = TokenizerOptions("--tokenizer", "--tokenizer-path", separator=" ")
+        tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_path, options)
         out = data.prepare(args.source, tokenizer, args.data_dir, args.val_fraction)
     meta = data.read_meta(out)
     print(f"{out}: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens")

@@ -478,6 +478,12 @@ def test_cli_prepares_and_reports_errors_in_one_line(
     assert run_cli(str(tmp_path / "missing.txt"), "--tokenizer", "bytes") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: source") and "not found" in err[-1]
+    assert run_cli(str(text_file), "--data-dir", str(text_file / "data")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: --data-dir={text_file / 'data'} cannot be a folder to write in ({text_file} is "
+        "a file); set --data-dir to a folder you can write"
+    ]
 
 
 def test_cli_ctrl_c_is_one_line(

@@ -9,7 +9,7 @@ import pytest
 import tiktoken
 import torch
 
-from llm.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from llm.tokenizer import Tokenizer, TokenizerError, TokenizerOptions, load_tokenizer
 
 TEXT = "Hello, world!\n\nthe theory of everything  — naïve café 日本語 🙂\r\n"
 
@@ -73,6 +73,26 @@ def test_malformed_ranks_file(tmp_path: Path, content: bytes) -> None:
     path.write_bytes(content)
     with pytest.raises(TokenizerError, match="tiktoken's format"):
         load_tokenizer(path=path)
+
+
+def test_errors_name_the_settings_of_the_script_in_use(tmp_path: Path) -> None:
+    # prepare_data.py takes flags; where a model names its tokenizer, only the file is the
+    # user's to give (generate.py, attention.py).
+    flags = TokenizerOptions("--tokenizer", "--tokenizer-path", separator=" ")
+    with pytest.raises(TokenizerError, match=r"with --tokenizer-path /path/to/file\.tiktoken$"):
+        load_tokenizer("gpt7", options=flags)
+    with pytest.raises(
+        FileNotFoundError, match=r"such as gpt2.tiktoken \(or use --tokenizer bytes\)$"
+    ):
+        load_tokenizer(path=tmp_path / "nope.tiktoken", options=flags)
+    model_named = TokenizerOptions(name=None, path="--tokenizer-path", separator=" ")
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"give --tokenizer-path a tiktoken ranks file such as gpt2\.tiktoken$",
+    ):
+        load_tokenizer(path=tmp_path / "nope.tiktoken", options=model_named)
+    with pytest.raises(TokenizerError, match=r"no ranks file: drop --tokenizer-path$"):
+        load_tokenizer("bytes", path=tmp_path / "nope.tiktoken", options=model_named)
 
 
 def test_unknown_name_lists_the_options() -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,7 +38,7 @@ from llm.errors import refused_config
 from llm.generate import generate_text
 from llm.hardware import device_from_name, peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
-from llm.run import build, register_model_presets, resolve_precision, train
+from llm.run import build, register_model_presets, resolve_precision, train, validate
 from llm.tokenizer import load_tokenizer
 from llm.training import GPTLightningModule, NonFiniteLossError, warmup_cosine
 
@@ -199,6 +200,8 @@ def test_train_script_writes_checkpoints_and_tensorboard(corpus, tmp_path):
 def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
     not_a_checkpoint = tmp_path / "garbage.ckpt"
     not_a_checkpoint.write_bytes(b"PK\x03\x04 cut short")
+    a_file = tmp_path / "a-file"  # in the way of a folder
+    a_file.write_text("")
     cases = {
         # Refused by Hydra while composing the config.
         "trainer.max_stepz=5": "Could not override 'trainer.max_stepz'. Key 'max_stepz' is not "
@@ -219,17 +222,24 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
         f"ckpt_path={tmp_path / 'missing.ckpt'}": "does not exist",
         f"ckpt_path={not_a_checkpoint}": "could not be read as a training checkpoint",
         "data=text": "data.source",
+        f"data.source={tmp_path / 'missing.txt'}": "missing.txt' not found: give a text file",
         "logger=null": "to leave a config group out, delete it: ~GROUP (e.g. ~logger)",
+        f"data.data_dir={a_file / 'data'}": f"cannot be a folder to write in ({a_file} is a file)",
     }
     if not torch.cuda.is_available():
         cases["trainer=gpu"] = "torch sees no CUDA GPU"
-    for override, message in cases.items():
-        result = run_script("tokenizer.name=bytes", override, f"hydra.run.dir={tmp_path / 'run'}")
-        assert result.returncode == 1, override
+    run_dir = f"hydra.run.dir={tmp_path / 'run'}"
+    runs = [((override, run_dir), message) for override, message in cases.items()]
+    # Hydra makes the run's folder itself, before any llm code runs.
+    hydra_fix = "log there: set hydra.run.dir= (hydra.sweep.dir= with --multirun) to a folder"
+    runs.append(((f"hydra.run.dir={a_file / 'run'}",), hydra_fix))
+    for overrides, message in runs:
+        result = run_script("tokenizer.name=bytes", *overrides)
+        assert result.returncode == 1, overrides
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-        assert len(errors) == 1 and message in errors[0], (override, result.stderr)
-        assert "Traceback" not in result.stderr, (override, result.stderr)
-        assert "Error executing job" not in result.stderr, (override, result.stderr)
+        assert len(errors) == 1 and message in errors[0], (overrides, result.stderr)
+        assert "Traceback" not in result.stderr, (overrides, result.stderr)
+        assert "Error executing job" not in result.stderr, (overrides, result.stderr)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -490,6 +500,15 @@ def test_every_experiment_builds(corpus, tmp_path, experiment):
     _, module, trainer = build(cfg)
     assert trainer.max_steps == cfg.trainer.max_steps > 0
     assert module.learning_rate == cfg.module.learning_rate
+
+
+def test_a_warmup_longer_than_the_run_is_warned_of(corpus, tmp_path):
+    cfg = compose_run(tiny_overrides(corpus, tmp_path, "module.warmup_steps=7"), tmp_path)
+    with pytest.warns(UserWarning, match="module.warmup_steps=7 is more than trainer.max_steps=6"):
+        validate(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate(compose_run(tiny_overrides(corpus, tmp_path, "module.warmup_steps=6"), tmp_path))
 
 
 @pytest.mark.parametrize(
