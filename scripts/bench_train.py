@@ -12,8 +12,9 @@ one span, so the host may run ahead of the GPU as in real training. Every row tr
 model on the same random batches held in (on a GPU, pinned) memory, so the table compares the
 step itself, not data loading. A second table times the output head alone (the logits over the
 vocabulary and the loss), eager and compiled into one fused pass, and its share of the whole
-step. ``--compile-mode max-autotune-no-cudagraphs`` compiles every compiled row with kernel
-tuning.
+step. A third times the step's matmuls and attention alone, with none of the memory-bound work
+around them: a floor for the step, and so a ceiling for its MFU with these kernels.
+``--compile-mode max-autotune-no-cudagraphs`` compiles every compiled row with kernel tuning.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ThroughputMonitor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -98,6 +101,48 @@ def head_only(
         loss.backward()
         clock.batch_end()
     return clock.seconds_per_step()
+
+
+def kernels_alone(
+    config: GPTConfig, batch_size: int, tokens: int, device: torch.device, warmup: int, steps: int
+) -> tuple[float, float]:
+    """Seconds per training step of the step's matmuls alone (every linear layer's forward
+    product and its two backward ones) and of its attention alone (SDPA's causal forward and
+    backward), in bf16 on random data: the work of the matrix units, without the memory-bound
+    work around it (norms, GELU, residual adds, softmax and loss, optimizer)."""
+
+    def bf16(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16)
+
+    def seconds_of(work: Callable[[], object]) -> float:
+        clock = StepClock(device, warmup, warmup + steps)
+        for _ in range(warmup + steps):
+            clock.batch_start()
+            work()
+            clock.batch_end()
+        return clock.seconds_per_step()
+
+    c, rows = config, batch_size * tokens
+    qkv_width = (c.n_head + 2 * c.kv_heads) * c.head_size
+    # (in, out) features of each linear layer of a block, then of the LM head.
+    block = [(c.n_embd, qkv_width), (c.n_embd, c.n_embd), (c.n_embd, 4 * c.n_embd)]
+    linears = [*block, (4 * c.n_embd, c.n_embd)] * c.n_layer + [(c.n_embd, c.padded_vocab_size)]
+    matmuls = 0.0
+    for fan_in, fan_out in sorted(set(linears)):
+        x, w, dy = bf16(rows, fan_in), bf16(fan_out, fan_in), bf16(rows, fan_out)
+        # y = x w^T forward; dx = dy w and dw = dy^T x backward
+        seconds = seconds_of(lambda x=x, w=w, dy=dy: (x @ w.T, dy @ w, dy.T @ x))
+        matmuls += seconds * linears.count((fan_in, fan_out))
+    q = bf16(batch_size, c.n_head, tokens, c.head_size).requires_grad_()  # (B, nh, T, hs)
+    k, v = (bf16(batch_size, c.kv_heads, tokens, c.head_size).requires_grad_() for _ in "kv")
+    grad = torch.randn_like(q)
+
+    def attention() -> None:
+        gqa = c.kv_heads != c.n_head
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    return matmuls, seconds_of(attention) * c.n_layer
 
 
 class StepClock:
@@ -261,6 +306,23 @@ def main() -> None:
     ):
         seconds = head_only(config, batches, device, True, compile_mode, args.warmup)
         print(f"| {label} | {seconds:.4f} | {seconds / step:.0%} |")
+
+    step = results["plain loop, bf16 + compile"]
+    matmuls, attention = kernels_alone(
+        config, args.batch, args.tokens, device, args.warmup, args.steps
+    )
+    print(
+        "\n| kernels alone, bf16 (no memory-bound work) | s/step | share of the compiled step "
+        "| MFU of a step this long |"
+    )
+    print("|---|---:|---:|---:|")
+    for label, seconds in (
+        ("matmuls: every linear layer, forward and backward", matmuls),
+        ("attention: SDPA, causal, forward and backward", attention),
+        ("both: the floor of the step", matmuls + attention),
+    ):
+        mfu = f"{flops_per_step / seconds / peak:.1%}" if peak else "n/a"
+        print(f"| {label} | {seconds:.4f} | {seconds / step:.0%} | {mfu} |")
 
 
 if __name__ == "__main__":
