@@ -36,7 +36,7 @@ from llm.hf import (
     to_hf_state_dict,
 )
 from llm.model import GPT, GPTConfig, own_parameter_name
-from llm.tokenizer import Tokenizer, TokenizerOptions, load_tokenizer
+from llm.tokenizer import MODEL_NAMED, Tokenizer, TokenizerOptions, load_tokenizer
 
 ACCEPTED = (
     "a training checkpoint (.ckpt), a .safetensors model saved by llm, or a Hugging Face "
@@ -74,18 +74,16 @@ def load_model_and_tokenizer(
     path: str | Path,
     device: torch.device | str = "cpu",
     tokenizer_path: str | None = None,
-    tokenizer_option: str = "tokenizer.path",
+    tokenizer_options: TokenizerOptions = MODEL_NAMED,
 ) -> tuple[GPT, Tokenizer]:
     """``load_model``, with the tokenizer the model names loaded (from ``tokenizer_path``, a
     local ranks file, when given: offline, a GPT-2 model's tokenizer cannot be downloaded) and
-    checked to have the model's vocabulary. ``tokenizer_option`` is how the user gives
-    ``tokenizer_path``: a config key (``tokenizer.path``) or a flag (``--tokenizer-path``)."""
+    checked to have the model's vocabulary. ``tokenizer_options`` names the setting that gives
+    ``tokenizer_path`` in errors: generate.py's ``tokenizer.path`` by default."""
     model, spec = load_model(path, device)
     if tokenizer_path is not None:
         spec = {**spec, "path": tokenizer_path}
-    separator = " " if tokenizer_option.startswith("-") else "="
-    options = TokenizerOptions(name=None, path=tokenizer_option, separator=separator)
-    tokenizer = load_tokenizer(**spec, options=options)
+    tokenizer = load_tokenizer(**spec, options=tokenizer_options)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(
             f"{path}: the model has a vocabulary of {model.config.vocab_size} tokens, but its "

@@ -51,7 +51,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from llm.files import atomic_path
+from llm.files import atomic_path, check_folder
 from llm.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,15 @@ def dataset_name(source: str) -> str:
         return Path(*fixed).resolve().name
     path = Path(source).resolve()
     return path.stem if path.is_file() else path.name
+
+
+def check_output_folder(source: str, data_dir: str | Path, setting: str) -> None:
+    """Fail now, in one line naming ``setting``, where ``source``'s prepared data could not go
+    under ``data_dir``: something that is not a folder is in the way, or the data must still be
+    written (it was never prepared) and the folder cannot be written in. Prepared data in a
+    read-only folder is fine: unchanged inputs are never written again."""
+    out_dir = Path(data_dir) / dataset_name(source)
+    check_folder(out_dir, setting, writing=not (out_dir / "meta.json").is_file())
 
 
 def source_files(source: str, data_dir: str | Path = "data") -> list[Path]:
@@ -579,7 +588,7 @@ class TokenDataModule(L.LightningDataModule):
         start_sample: int = 0,
     ) -> None:
         super().__init__()
-        self.source = source
+        self.source = str(source)  # a folder named 2024 comes from the command line as a number
         self.data_dir = data_dir
         self.tokenizer_name = tokenizer_name
         self.tokenizer_path = tokenizer_path

@@ -29,20 +29,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)  # gone already if renamed
 
 
-def check_folder(path: str | Path, setting: str) -> None:
-    """Fail now, in one line naming the ``setting`` that gave ``path``, where ``path`` cannot
-    become a folder to write in: a file is in its way, or the nearest folder that exists is
-    not writable. Creates nothing."""
+def check_folder(path: str | Path, setting: str, writing: bool = True) -> None:
+    """Fail now, in one line naming the ``setting`` to change, where ``path`` cannot be a
+    folder (something that is not a folder is in its way) or, if ``writing``, cannot be written
+    in (the nearest folder that exists is not writable). Creates nothing."""
     existing = Path(path).absolute()
-    while not existing.exists():  # ends at the root at the latest
+    while not os.path.lexists(existing):  # ends at the root at the latest
         existing = existing.parent
     if not existing.is_dir():
-        problem = f"{existing} is a file"
-    elif not os.access(existing, os.W_OK):
+        problem = f"{existing} is not a folder"
+    elif writing and not os.access(existing, os.W_OK):
         problem = f"{existing} is not writable"
     else:
         return
-    raise ValueError(
-        f"{setting}={path} cannot be a folder to write in ({problem}); "
-        f"set {setting} to a folder you can write"
-    )
+    raise ValueError(f"cannot write in {path} ({problem}): set {setting} to a folder you can write")

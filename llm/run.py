@@ -14,18 +14,18 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from llm.callbacks import AtomicCheckpointIO, GracefulStop, InspectionLogger
 from llm.checkpoint import training_checkpoint_config
 from llm.checks import INTEGER, NUMBER, Check, check_values, non_negative, positive
-from llm.data import REMOTE_SOURCES, source_files
-from llm.files import check_folder
+from llm.data import REMOTE_SOURCES, check_output_folder, source_files
 from llm.hardware import has_fast_bf16
 from llm.model import PRESETS, GPTConfig
 from llm.training import COMPILE_MODES, check_same_model
 
+log = logging.getLogger(__name__)
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 RESUMABLE = "a last.ckpt or best.ckpt written by scripts/train.py"
 
@@ -90,14 +90,17 @@ def validate(cfg: DictConfig) -> None:
             "data.source is not set: give a text file, a folder or a glob, "
             "e.g. data.source=path/to/corpus.txt"
         )
-    if cfg.data.source not in REMOTE_SOURCES:  # a local source that is not there fails now
-        source_files(cfg.data.source)
+    source = str(cfg.data.source)  # data.source=2024 (a folder) comes as a number
+    if source not in REMOTE_SOURCES:  # a local source that is not there fails now
+        source_files(source)
     if cfg.module.min_lr > cfg.module.learning_rate:
         raise ValueError("module.min_lr must not exceed module.learning_rate.")
     if cfg.module.warmup_steps > cfg.trainer.max_steps:  # allowed, but rarely what was meant
-        rank_zero_warn(
-            f"module.warmup_steps={cfg.module.warmup_steps} is more than trainer.max_steps="
-            f"{cfg.trainer.max_steps}: the learning rate never reaches module.learning_rate."
+        rank_zero_only(log.warning)(
+            "module.warmup_steps=%d is more than trainer.max_steps=%d: the learning rate never "
+            "reaches module.learning_rate",
+            cfg.module.warmup_steps,
+            cfg.trainer.max_steps,
         )
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(
@@ -121,8 +124,8 @@ def validate(cfg: DictConfig) -> None:
             )
         current = {**OmegaConf.to_container(cfg.model), "vocab_size": saved.vocab_size}
         check_same_model(saved.to_dict(), current)
-    if cfg.data.get("data_dir"):  # where prepared data goes: fail now, not after the trainer
-        check_folder(cfg.data.data_dir, "data.data_dir")
+    if cfg.data.get("data_dir") is not None:  # fail now, not after the trainer is built
+        check_output_folder(source, cfg.data.data_dir, "data.data_dir")
 
 
 def validation_interval(trainer: DictConfig) -> int:

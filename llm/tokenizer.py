@@ -99,6 +99,11 @@ class TokenizerOptions:
         return f" (or use {self.setting(self.name, 'bytes')})" if self.name else ""
 
 
+# The settings of a script that loads a model: the model names its tokenizer, and the user may
+# give its ranks file (generate.py's tokenizer.path).
+MODEL_NAMED = TokenizerOptions(name=None)
+
+
 def load_tokenizer(
     name: str = "gpt2", path: str | Path | None = None, options: TokenizerOptions | None = None
 ) -> Tokenizer:
@@ -110,7 +115,6 @@ def load_tokenizer(
     names the settings that errors suggest.
     """
     options = options or TokenizerOptions()
-    ranks_file = options.setting(options.path, f"/path/to/{name}.tiktoken")
     if path is not None:
         if name == "bytes":  # the file would be read, and labelled "bytes"
             name_it = options.name and options.setting(options.name, "gpt2")
@@ -122,17 +126,24 @@ def load_tokenizer(
     if name == "bytes":
         return Tokenizer(_bytes_encoding())
     if name not in tiktoken.list_encoding_names():
+        ranks_file = options.setting(options.path, "/path/to/file.tiktoken")
+        if options.name is None:  # a model named it: only its ranks file can stand in
+            raise TokenizerError(
+                f"the model's tokenizer {name!r} is not one tiktoken knows: give its ranks "
+                f"file, {ranks_file}"
+            )
         known = ", ".join(["bytes", *tiktoken.list_encoding_names()])
         raise TokenizerError(
             f"unknown tokenizer {name!r}: use one of {known}, or a local ranks file with "
-            f"{options.setting(options.path, '/path/to/file.tiktoken')}"
+            f"{ranks_file}"
         )
     try:
         return Tokenizer(tiktoken.get_encoding(name))
     except Exception as err:  # tiktoken raises whatever its HTTP client or cache raises
         raise TokenizerError(
             f"could not download the {name!r} tokenizer ({type(err).__name__}: {err}); "
-            f"offline, give a local ranks file, {ranks_file}{options.or_bytes()}"
+            f"offline, give a local ranks file, "
+            f"{options.setting(options.path, f'/path/to/{name}.tiktoken')}{options.or_bytes()}"
         ) from None
 
 

@@ -11,6 +11,7 @@ from llm.checkpoint import load_model_and_tokenizer
 from llm.checks import ArgumentParser
 from llm.errors import one_line_errors
 from llm.inspect import TOY_INPUTS, TOY_TOKENS, ladder_figure, model_attention_figures, save_figures
+from llm.tokenizer import TokenizerOptions
 
 
 def main() -> None:
@@ -32,8 +33,9 @@ def main() -> None:
 
     with one_line_errors():
         if args.command == "model":
+            flag = TokenizerOptions(name=None, path="--tokenizer-path", separator=" ")
             model, tokenizer = load_model_and_tokenizer(
-                args.checkpoint, "cpu", args.tokenizer_path, "--tokenizer-path"
+                args.checkpoint, "cpu", args.tokenizer_path, flag
             )
             figures = model_attention_figures(model, tokenizer, args.prompt)
         else:

@@ -15,7 +15,6 @@ import sys
 from llm import data
 from llm.checks import ArgumentParser
 from llm.errors import one_line_errors
-from llm.files import check_folder
 from llm.tokenizer import TokenizerOptions, load_tokenizer
 
 
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Every output is written to a temporary file first, and those are gone after a Ctrl-C.
     with one_line_errors(interrupted="interrupted: no files were written"):
-        check_folder(args.data_dir, "--data-dir")
+        data.check_output_folder(args.source, args.data_dir, "--data-dir")
         options = TokenizerOptions("--tokenizer", "--tokenizer-path", separator=" ")
         tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_path, options)
         out = data.prepare(args.source, tokenizer, args.data_dir, args.val_fraction)

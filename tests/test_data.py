@@ -10,6 +10,7 @@ import functools
 import hashlib
 import http.server
 import logging
+import os
 import runpy
 import socket
 import threading
@@ -469,6 +470,27 @@ def run_cli(*args: str) -> int:
         return exit.code
 
 
+def test_output_folder_is_checked_before_any_work(
+    tmp_path: Path, text_file: Path, bytes_tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "data"
+
+    def read_only(path: object, mode: int) -> bool:
+        return False
+
+    monkeypatch.setattr(os, "access", read_only)
+    with pytest.raises(ValueError, match=r"data/story \(.* is not writable\): set --data-dir"):
+        data.check_output_folder(str(text_file), data_dir, "--data-dir")
+    assert not data_dir.exists()  # creates nothing
+    monkeypatch.undo()
+    data.prepare(str(text_file), bytes_tok, data_dir)
+    monkeypatch.setattr(os, "access", read_only)
+    # Prepared before: unchanged inputs are never written again, so a read-only folder is fine.
+    data.check_output_folder(str(text_file), data_dir, "--data-dir")
+    with pytest.raises(ValueError, match=f"{text_file} is not a folder"):
+        data.check_output_folder(str(text_file), text_file, "--data-dir")
+
+
 def test_cli_prepares_and_reports_errors_in_one_line(
     tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -481,8 +503,8 @@ def test_cli_prepares_and_reports_errors_in_one_line(
     assert run_cli(str(text_file), "--data-dir", str(text_file / "data")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"error: --data-dir={text_file / 'data'} cannot be a folder to write in ({text_file} is "
-        "a file); set --data-dir to a folder you can write"
+        f"error: cannot write in {text_file / 'data' / 'story'} ({text_file} is not a folder): "
+        "set --data-dir to a folder you can write"
     ]
 
 

@@ -9,7 +9,13 @@ import pytest
 import tiktoken
 import torch
 
-from llm.tokenizer import Tokenizer, TokenizerError, TokenizerOptions, load_tokenizer
+from llm.tokenizer import (
+    MODEL_NAMED,
+    Tokenizer,
+    TokenizerError,
+    TokenizerOptions,
+    load_tokenizer,
+)
 
 TEXT = "Hello, world!\n\nthe theory of everything  — naïve café 日本語 🙂\r\n"
 
@@ -93,6 +99,12 @@ def test_errors_name_the_settings_of_the_script_in_use(tmp_path: Path) -> None:
         load_tokenizer(path=tmp_path / "nope.tiktoken", options=model_named)
     with pytest.raises(TokenizerError, match=r"no ranks file: drop --tokenizer-path$"):
         load_tokenizer("bytes", path=tmp_path / "nope.tiktoken", options=model_named)
+    with pytest.raises(TokenizerError) as info:
+        load_tokenizer("gpt7", options=MODEL_NAMED)
+    assert str(info.value) == (
+        "the model's tokenizer 'gpt7' is not one tiktoken knows: give its ranks file, "
+        "tokenizer.path=/path/to/file.tiktoken"
+    )
 
 
 def test_unknown_name_lists_the_options() -> None:
