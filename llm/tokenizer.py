@@ -99,13 +99,15 @@ class TokenizerOptions:
         return f" (or use {self.setting(self.name, 'bytes')})" if self.name else ""
 
 
+# Training's settings: the config keys tokenizer.name and tokenizer.path.
+CONFIG_KEYS = TokenizerOptions()
 # The settings of a script that loads a model: the model names its tokenizer, and the user may
 # give its ranks file (generate.py's tokenizer.path).
 MODEL_NAMED = TokenizerOptions(name=None)
 
 
 def load_tokenizer(
-    name: str = "gpt2", path: str | Path | None = None, options: TokenizerOptions | None = None
+    name: str = "gpt2", path: str | Path | None = None, options: TokenizerOptions = CONFIG_KEYS
 ) -> Tokenizer:
     """The tokenizer called ``name``, or the one stored in the ranks file at ``path``.
 
@@ -114,7 +116,6 @@ def load_tokenizer(
     ranks prepares data that matches data prepared with the downloaded ``gpt2``). ``options``
     names the settings that errors suggest.
     """
-    options = options or TokenizerOptions()
     if path is not None:
         if name == "bytes":  # the file would be read, and labelled "bytes"
             name_it = options.name and options.setting(options.name, "gpt2")
