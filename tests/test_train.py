@@ -501,6 +501,16 @@ def test_every_experiment_builds(corpus, tmp_path, experiment):
     assert module.learning_rate == cfg.module.learning_rate
 
 
+def test_a_source_folder_named_by_a_number(corpus, tmp_path, monkeypatch):
+    (tmp_path / "2024").mkdir()
+    corpus.rename(tmp_path / "2024" / corpus.name)
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_run([*TINY, "data.source=2024", f"data.data_dir={tmp_path / 'data'}"], tmp_path)
+    assert cfg.data.source == 2024  # Hydra reads the override as a number
+    validate(cfg)
+    assert hydra.utils.instantiate(cfg.data).dataset_dir == tmp_path / "data" / "2024"
+
+
 def test_a_warmup_longer_than_the_run_is_warned_of(corpus, tmp_path, caplog):
     validate(compose_run(tiny_overrides(corpus, tmp_path, "module.warmup_steps=6"), tmp_path))
     assert caplog.messages == []  # the last step reaches the peak learning rate
