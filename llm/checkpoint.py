@@ -123,13 +123,10 @@ def save_hf(model: GPT, folder: str | Path, eot_token: int | None = None) -> Non
         tmp.write_text(config + "\n")
 
 
-def read_training_checkpoint(
-    path: Path, wanted: str = ACCEPTED
-) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
+def read_training_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
     """The model config, GPT weights and tokenizer spec of a Lightning checkpoint written by
-    llm's training. Anything else raises a one-line ValueError that ends by asking for
-    ``wanted``."""
-    checkpoint = _load_training_checkpoint(path, wanted)
+    llm's training. Anything else raises a one-line ValueError that names what to give."""
+    checkpoint = _load_training_checkpoint(path, ACCEPTED)
     # The LightningModule holds the GPT as ``self.model`` (a torch.compile'd one as
     # ``model._orig_mod``). Other entries (a loss module, metrics) are not the model's. The
     # weights are copied out of the mapped file: the model must not change if the file does.
@@ -146,7 +143,8 @@ def training_checkpoint_config(
     path: Path, wanted: str = ACCEPTED
 ) -> tuple[GPTConfig, dict[str, Any]]:
     """The model config and tokenizer spec of a training checkpoint, for checks before
-    training: none of its tensors is read. Raises like ``read_training_checkpoint``."""
+    training: none of its tensors is read. Raises like ``read_training_checkpoint``, asking
+    for ``wanted``."""
     return _described_model(_load_training_checkpoint(path, wanted)["hyper_parameters"], path)
 
 

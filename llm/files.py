@@ -1,4 +1,5 @@
-"""Writing files whole or not at all: a failed or interrupted write never leaves half a file."""
+"""Writing files whole or not at all (a failed or interrupted write never leaves half a file),
+and checking before any work that a folder can be written in."""
 
 from __future__ import annotations
 

@@ -87,12 +87,11 @@ class TokenizerOptions:
 
     name: str | None = "tokenizer.name"
     path: str = "tokenizer.path"
-    separator: str = "="  # " " for command-line flags
 
     def setting(self, option: str, value: str) -> str:
-        """``option`` set to ``value`` as the user writes it: ``tokenizer.path=x`` or
-        ``--tokenizer-path x``."""
-        return f"{option}{self.separator}{value}"
+        """``option`` set to ``value`` as the user writes it: a config key as
+        ``tokenizer.path=x``, a command-line flag as ``--tokenizer-path x``."""
+        return f"{option} {value}" if option.startswith("-") else f"{option}={value}"
 
     def or_bytes(self) -> str:
         """The no-download alternative, where the user chooses the name."""

@@ -33,7 +33,7 @@ def main() -> None:
 
     with one_line_errors():
         if args.command == "model":
-            flag = TokenizerOptions(name=None, path="--tokenizer-path", separator=" ")
+            flag = TokenizerOptions(name=None, path="--tokenizer-path")
             model, tokenizer = load_model_and_tokenizer(
                 args.checkpoint, "cpu", args.tokenizer_path, flag
             )

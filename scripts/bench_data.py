@@ -44,7 +44,7 @@ def load_ranks(ranks_path: str) -> Tokenizer:
     process, so that its imports count towards that process's memory."""
     from llm.tokenizer import TokenizerOptions, load_tokenizer
 
-    return load_tokenizer(path=ranks_path, options=TokenizerOptions(None, "--ranks", " "))
+    return load_tokenizer(path=ranks_path, options=TokenizerOptions(name=None, path="--ranks"))
 
 
 def tiktoken_batch(text_path: str, ranks_path: str, threads: int, repeat: int) -> float:

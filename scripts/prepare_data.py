@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every output is written to a temporary file first, and those are gone after a Ctrl-C.
     with one_line_errors(interrupted="interrupted: no files were written"):
         data.check_output_folder(args.source, args.data_dir, "--data-dir")
-        options = TokenizerOptions("--tokenizer", "--tokenizer-path", separator=" ")
+        options = TokenizerOptions("--tokenizer", "--tokenizer-path")
         tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_path, options)
         out = data.prepare(args.source, tokenizer, args.data_dir, args.val_fraction)
     meta = data.read_meta(out)

@@ -84,14 +84,14 @@ def test_malformed_ranks_file(tmp_path: Path, content: bytes) -> None:
 def test_errors_name_the_settings_of_the_script_in_use(tmp_path: Path) -> None:
     # prepare_data.py takes flags; where a model names its tokenizer, only the file is the
     # user's to give (generate.py, attention.py).
-    flags = TokenizerOptions("--tokenizer", "--tokenizer-path", separator=" ")
+    flags = TokenizerOptions("--tokenizer", "--tokenizer-path")
     with pytest.raises(TokenizerError, match=r"with --tokenizer-path /path/to/file\.tiktoken$"):
         load_tokenizer("gpt7", options=flags)
     with pytest.raises(
         FileNotFoundError, match=r"such as gpt2.tiktoken \(or use --tokenizer bytes\)$"
     ):
         load_tokenizer(path=tmp_path / "nope.tiktoken", options=flags)
-    model_named = TokenizerOptions(name=None, path="--tokenizer-path", separator=" ")
+    model_named = TokenizerOptions(name=None, path="--tokenizer-path")
     with pytest.raises(
         FileNotFoundError,
         match=r"give --tokenizer-path a tiktoken ranks file such as gpt2\.tiktoken$",
