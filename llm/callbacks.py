@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from pathlib import Path
@@ -11,10 +12,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from llm.checkpoint import model_from_weights
@@ -24,6 +26,8 @@ from llm.hardware import peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
 from llm.model import GPT, own_parameter_name
 from llm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class TokenThroughputMonitor(L.Callback):
@@ -105,17 +109,36 @@ class TokenThroughputMonitor(L.Callback):
         return time.perf_counter() - self._started
 
 
+class GPTSummary(ModelSummary):
+    """Logs one line on the model in place of Lightning's layer table: its shape, parameters
+    and training FLOPs per token. Lightning's table would list the GPT as one row, and its FLOPs
+    column would read 0 (Lightning counts FLOPs only by running a sample batch through the
+    model). Being a ``ModelSummary``, it keeps Lightning from adding that table."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Counted here, before FSDP (at fit start) turns the parameters into flat shards.
+        if stage == TrainerFn.FITTING and isinstance(getattr(pl_module, "model", None), GPT):
+            rank_zero_only(log.info)("%s", pl_module.model.summary())
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass  # logged at setup
+
+
 class LossProgressBar(TQDMProgressBar):
     """Lightning's TQDM progress bar, showing the training loss read only when the bar redraws
     (every ``refresh_rate`` steps). Logged with ``prog_bar=True``, the loss would be read after
-    every step, and every step would wait for the GPU."""
+    every step, and every step would wait for the GPU. Losses show three decimals: tqdm's
+    three significant digits, padded by Lightning, would show 10.138 as 10.10."""
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
-            metrics["train/loss"] = f"{loss.item():.3f}"
-        return metrics
+            metrics["train/loss"] = loss.item()
+        return {
+            name: f"{value:.3f}" if name.endswith("loss") and isinstance(value, float) else value
+            for name, value in metrics.items()
+        }
 
 
 class InspectionLogger(L.Callback):
@@ -213,7 +236,8 @@ def whole_model_on_rank_zero(wrapped: torch.nn.Module, model: GPT) -> GPT | None
 
 class GracefulStop(L.Callback):
     """On SIGINT (Ctrl-C) or SIGTERM, finish the current optimizer step, save ``last.ckpt`` and
-    stop training. A second signal acts at once, as it would without this callback.
+    stop training, without validating first. A second signal acts at once, as it would without
+    this callback.
 
     Stopping between steps keeps the checkpoint consistent; ``signal_name`` tells the caller
     why training ended and ``checkpoint_path`` where it was saved.
@@ -257,6 +281,9 @@ class GracefulStop(L.Callback):
         trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # resumable: all state
         self.signal_name = self.signal_name or "a signal on another rank"
         trainer.should_stop = True
+        # Lightning validates once more before it stops, which on a large validation split can
+        # take minutes after a Ctrl-C, or outlast a scheduler's grace period: the stop is now.
+        trainer.limit_val_batches = 0
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for signum, handler in self._previous_handlers.items():

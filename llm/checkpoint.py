@@ -141,11 +141,13 @@ def read_training_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, Tensor], 
 
 def training_checkpoint_config(
     path: Path, wanted: str = ACCEPTED
-) -> tuple[GPTConfig, dict[str, Any]]:
-    """The model config and tokenizer spec of a training checkpoint, for checks before
-    training: none of its tensors is read. Raises like ``read_training_checkpoint``, asking
-    for ``wanted``."""
-    return _described_model(_load_training_checkpoint(path, wanted)["hyper_parameters"], path)
+) -> tuple[GPTConfig, dict[str, Any], int]:
+    """The model config, tokenizer spec and optimizer steps taken of a training checkpoint, for
+    checks before training: none of its tensors is read. Raises like
+    ``read_training_checkpoint``, asking for ``wanted``."""
+    checkpoint = _load_training_checkpoint(path, wanted)
+    config, tokenizer = _described_model(checkpoint["hyper_parameters"], path)
+    return config, tokenizer, int(checkpoint.get("global_step", 0))
 
 
 def _described_model(

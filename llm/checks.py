@@ -4,7 +4,8 @@ that a mistyped or impossible value fails at once with one line naming the key a
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable
+import difflib
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
@@ -35,6 +36,21 @@ def check_values(cfg: DictConfig, checks: Iterable[Check]) -> None:
         right_type = isinstance(value, types) and (bool in types or not isinstance(value, bool))
         if not right_type or not test(value):
             raise ValueError(f"{key} must be {wanted}, got {value!r}; override it as {key}=...")
+
+
+def check_known_keys(cfg: DictConfig, known: Collection[str], prefix: str = "") -> None:
+    """Raise a one-line ValueError for a key of ``cfg`` that nothing reads: one added with
+    Hydra's ``+key=value``, which Hydra itself suggests for a key it does not know."""
+    for key in cfg:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = (
+            f"did you mean {prefix}{close[0]}?"
+            if close
+            else "the settings are " + ", ".join(prefix + k for k in sorted(known))
+        )
+        raise ValueError(f"{prefix}{key} is not a setting, and nothing would read it: {hint}")
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

@@ -336,7 +336,18 @@ def prepare(
     }
     with _atomic_output(out_dir / "meta.json") as out:
         out.write(json.dumps(meta, indent=2).encode() + b"\n")
-    log.info("%s: %d train and %d val tokens", out_dir, counts["train"], counts["val"])
+    log.info(
+        "%s: %s train and %s val tokens", out_dir, f"{counts['train']:,}", f"{counts['val']:,}"
+    )
+    val_share = counts["val"] / max(1, counts["train"] + counts["val"])
+    if len(files) > 1 and not val_fraction / 2 <= val_share <= val_fraction * 2:
+        log.warning(
+            "%s: the validation split is %.1f%% of the tokens, for val_fraction=%g: of several "
+            "files, whole ones are split off; files of similar sizes split closer to it",
+            out_dir,
+            100 * val_share,
+            val_fraction,
+        )
     return out_dir
 
 

@@ -96,7 +96,7 @@ class GPTConfig:
             )
         if self.pos_embedding == "rope" and self.head_size % 2:
             raise ValueError(
-                f"GPTConfig with pos_embedding='rope' needs an even head size (n_embd / n_head), "
+                f"GPTConfig.pos_embedding='rope' needs an even head size (n_embd / n_head), "
                 f"got {self.head_size}."
             )
         if not (_is_number(self.rope_theta) and self.rope_theta > 0):
@@ -389,3 +389,17 @@ class GPT(nn.Module):
         reach = sum(min(w or c.context_length, c.context_length) for w in c.layer_windows)
         attention = 12 * c.n_head * c.head_size * reach  # reach = L·T without windows
         return 6 * self.num_params(include_position_embeddings=False) + attention
+
+    def summary(self) -> str:
+        """One line on the model, e.g. ``GPT: 4 layers, 4 heads, width 128, context 128,
+        vocabulary 50257 (padded to 50304); 7.24M parameters, 44.1 MFLOP per token to train``."""
+        c = self.config
+        padded = (
+            f" (padded to {c.padded_vocab_size})" if c.padded_vocab_size != c.vocab_size else ""
+        )
+        return (
+            f"GPT: {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context "
+            f"{c.context_length}, vocabulary {c.vocab_size}{padded}; "
+            f"{self.num_params() / 1e6:.2f}M parameters, "
+            f"{self.flops_per_token() / 1e6:.1f} MFLOP per token to train"
+        )

@@ -4,22 +4,33 @@ datamodule, module, callbacks, logger and trainer, and fit."""
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from llm.callbacks import AtomicCheckpointIO, GracefulStop, InspectionLogger
 from llm.checkpoint import training_checkpoint_config
-from llm.checks import INTEGER, NUMBER, Check, check_values, non_negative, positive
+from llm.checks import (
+    INTEGER,
+    NUMBER,
+    Check,
+    check_known_keys,
+    check_values,
+    non_negative,
+    positive,
+)
 from llm.data import REMOTE_SOURCES, check_output_folder, source_files
 from llm.hardware import has_fast_bf16
 from llm.model import PRESETS, GPTConfig
@@ -28,17 +39,37 @@ from llm.training import COMPILE_MODES, check_same_model
 log = logging.getLogger(__name__)
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 RESUMABLE = "a last.ckpt or best.ckpt written by scripts/train.py"
-
-# Lightning warns that a run resumed mid-epoch cannot resume its dataloader; ours can, since
-# the datamodule starts the loader at the restored step (llm.data.TokenDataModule).
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
-# Lines every run would print that say nothing about it: the model summary's size estimate
-# in fp32 under bf16, a deprecation inside Lightning under newer torch, and an advertisement.
-warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model")
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-    lambda record: "litlogger" not in record.getMessage()
+# The top-level keys of configs/train.yaml: its own and its config groups'.
+# What Hydra writes in a run's folder before the run starts.
+HYDRA_FILES = {".hydra", "train.log"}
+SETTINGS = (
+    *("seed", "ckpt_path", "tokenizer", "module", "model"),
+    *("data", "trainer", "logger", "callbacks", "hydra"),
 )
+
+# Lines Lightning logs that say nothing about the run: an advertisement, its notice that it
+# adds no model summary of its own beside llm's, and a "graceful shutdown" on a Ctrl-C that
+# GracefulStop did not take (the script says "interrupted", or where the stop saved).
+LIGHTNING_NOISE = (
+    "litlogger",
+    "already configured with model summary callbacks",
+    "Detected KeyboardInterrupt",
+)
+
+
+def lightning_noise_filter(record: logging.LogRecord) -> bool:
+    """False for a log line of ``LIGHTNING_NOISE``: a filter for Lightning's logger."""
+    return not any(phrase in record.getMessage() for phrase in LIGHTNING_NOISE)
+
+
+def quiet_lightning() -> None:
+    """Silence warnings and log lines every run would print but that say nothing about it."""
+    # A run resumed mid-epoch resumes its dataloader too: the datamodule starts the loader at
+    # the restored step (llm.data.TokenDataModule).
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+    # A deprecation inside Lightning, under newer torch.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lightning_noise_filter)
 
 
 def register_model_presets() -> None:
@@ -84,6 +115,9 @@ CHECKS: list[Check] = [
 
 def validate(cfg: DictConfig) -> None:
     """Fail before any work, with one line naming the key and the fix, on an impossible value."""
+    check_known_keys(cfg, SETTINGS)
+    check_known_keys(cfg.tokenizer, ("name", "path"), "tokenizer.")
+    check_model(cfg.model)
     check_values(cfg, CHECKS)
     if not cfg.data.get("source"):
         raise ValueError(
@@ -115,7 +149,12 @@ def validate(cfg: DictConfig) -> None:
         # A truncated, foreign or unsafe file, or one of another model or tokenizer, fails here
         # in one line rather than in Lightning, and before any data is prepared. The vocabulary
         # is the tokenizer's, checked once it is loaded.
-        saved, tokenizer = training_checkpoint_config(Path(cfg.ckpt_path), wanted=RESUMABLE)
+        saved, tokenizer, step = training_checkpoint_config(Path(cfg.ckpt_path), RESUMABLE)
+        if step >= cfg.trainer.max_steps:
+            raise ValueError(
+                f"ckpt_path={cfg.ckpt_path} is at step {step}, so trainer.max_steps="
+                f"{cfg.trainer.max_steps} leaves nothing to train; raise trainer.max_steps"
+            )
         if tokenizer["name"] != cfg.tokenizer.name:
             raise ValueError(
                 f"ckpt_path={cfg.ckpt_path} was trained with the tokenizer {tokenizer['name']!r}, "
@@ -124,8 +163,42 @@ def validate(cfg: DictConfig) -> None:
             )
         current = {**OmegaConf.to_container(cfg.model), "vocab_size": saved.vocab_size}
         check_same_model(saved.to_dict(), current)
+    else:
+        check_no_earlier_run(cfg)
     if cfg.data.get("data_dir") is not None:  # fail now, not after the trainer is built
         check_output_folder(source, cfg.data.data_dir, "data.data_dir")
+
+
+def check_no_earlier_run(cfg: DictConfig) -> None:
+    """Refuse to start a new run in a folder where an earlier one left checkpoints: this one
+    would overwrite them (a rerun with the same ``hydra.run.dir``)."""
+    checkpoint = cfg.callbacks.get("checkpoint")
+    dirpath = checkpoint.get("dirpath") if checkpoint else None
+    folder = Path(dirpath or cfg.trainer.default_root_dir)  # where checkpoints go (GracefulStop)
+    found = sorted(path.name for path in folder.glob("*.ckpt"))
+    if found:
+        resume = "last.ckpt" if "last.ckpt" in found else found[0]
+        raise ValueError(
+            f"{folder} holds an earlier run's checkpoints ({', '.join(found)}), which this run "
+            f"would overwrite: resume it with ckpt_path={folder / resume}, or set another "
+            "hydra.run.dir"
+        )
+
+
+def check_model(model: DictConfig) -> None:
+    """Refuse a model setting ``GPTConfig`` does not have or refuses, in the config's terms
+    (``model.n_embd``), and a vocabulary size, which is the tokenizer's."""
+    check_known_keys(model, [field.name for field in fields(GPTConfig)], "model.")
+    if model.vocab_size != GPTConfig.vocab_size:  # every preset's; the tokenizer's replaces it
+        raise ValueError(
+            f"model.vocab_size={model.vocab_size} cannot be set: the vocabulary is the "
+            "tokenizer's; leave model.vocab_size out and choose tokenizer.name or tokenizer.path"
+        )
+    try:
+        GPTConfig(**OmegaConf.to_container(model))
+    except ValueError as error:
+        message = str(error).replace("GPTConfig.", "model.")
+        raise ValueError(re.sub(r"\btry (\w+)=", r"try model.\1=", message)) from None
 
 
 def validation_interval(trainer: DictConfig) -> int:
@@ -147,6 +220,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     """Check ``cfg`` and build from it the datamodule, the module and the trainer with its
     callbacks and logger. Nothing is prepared or trained yet."""
     validate(cfg)
+    quiet_lightning()
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for any fp32 work
@@ -166,8 +240,11 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     for callback in callbacks:
         if isinstance(callback, InspectionLogger):
             callback.check_sample_prompt(datamodule.tokenizer, model_config.context_length)
-    if not cfg.trainer.enable_progress_bar:  # Lightning refuses a bar callback it may not show
+    # Lightning refuses a bar callback it may not show, and would run a summary one anyway.
+    if not cfg.trainer.enable_progress_bar:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not cfg.trainer.enable_model_summary:
+        callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
@@ -179,11 +256,36 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     return datamodule, module, trainer
 
 
+@contextmanager
+def discarded_if_refused(run_dir: str | Path) -> Iterator[None]:
+    """Remove the run's folder if the run fails before writing to it. Hydra makes the folder,
+    its config copy (``.hydra/``) and log (``train.log``) before any llm code runs, so every run
+    refused for a bad setting would leave a folder of them behind."""
+    try:
+        yield
+    except BaseException:
+        folder = Path(run_dir).resolve()
+        keep = folder == Path.cwd() or folder in Path.cwd().parents  # hydra.run.dir=.
+        if not keep and folder.is_dir() and {p.name for p in folder.iterdir()} <= HYDRA_FILES:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def train(cfg: DictConfig) -> GracefulStop | None:
     """Build everything from ``cfg`` and fit. Returns the graceful-stop callback, which says
     whether a signal ended training and where its checkpoint went."""
     datamodule, module, trainer = build(cfg)
     if trainer.logger:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    return next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
+    stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    except SystemExit:
+        # A Ctrl-C that GracefulStop does not take (during data preparation, or a second one)
+        # Lightning turns into exit code 1. Once GracefulStop has saved, it is that stop;
+        # before, a KeyboardInterrupt, which exits as any Ctrl-C does (130).
+        if not trainer.interrupted:
+            raise
+        if stop is None or stop.checkpoint_path is None:
+            raise KeyboardInterrupt from None
+    return stop

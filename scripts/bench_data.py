@@ -131,7 +131,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         synthetic = Path(tmp) / "synthetic.txt"
         write_synthetic(args.text, synthetic, args.synthetic_mb)
-        for name, path in (("tinyshakespeare", args.text), ("synthetic", synthetic)):
+        for name, path in ((args.text.stem, args.text), ("synthetic", synthetic)):
             megabytes = path.stat().st_size / 1e6
             # Best of a few runs: other load on the machine only ever slows a run down.
             base_s = in_fresh_process(

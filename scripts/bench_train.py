@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ from llm.checks import ArgumentParser, at_least
 from llm.errors import one_line_errors
 from llm.hardware import device_from_name, peak_flops
 from llm.model import GPT, GPTConfig
+from llm.run import quiet_lightning
 from llm.training import COMPILE_MODES, GPTLightningModule
 
 
@@ -232,6 +234,9 @@ def lightning_loop(
 
 
 def main() -> None:
+    quiet_lightning()
+    # The bench times training steps only and gives the Trainer no validation data on purpose.
+    warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no")
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="gpt-micro")
     parser.add_argument("--batch", type=at_least(1), default=16)

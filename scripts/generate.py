@@ -22,6 +22,7 @@ from llm.checks import (
     OPTIONAL_INTEGER,
     OPTIONAL_NUMBER,
     Check,
+    check_known_keys,
     check_values,
     non_negative,
     positive,
@@ -30,6 +31,7 @@ from llm.errors import one_line_errors, run_hydra_main
 from llm.generate import TextStream, encode_prompt, generate
 from llm.hardware import device_from_name, has_fast_bf16
 
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "generate.yaml"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 CHECKS: list[Check] = [
@@ -76,6 +78,9 @@ def decoded(text: bytes, source: str) -> str:
 def run(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "checkpoint") or cfg.checkpoint is None:
         raise ValueError("no model: give checkpoint=PATH (a .ckpt, .safetensors or GPT-2 folder)")
+    # configs/generate.yaml holds every setting; one added with +key=value is a typo.
+    check_known_keys(cfg, set(OmegaConf.load(CONFIG)) - {"defaults"})
+    check_known_keys(cfg.tokenizer, ("path",), "tokenizer.")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     check_values(cfg, CHECKS)

@@ -38,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         data.check_output_folder(args.source, args.data_dir, "--data-dir")
         options = TokenizerOptions("--tokenizer", "--tokenizer-path")
         tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_path, options)
-        out = data.prepare(args.source, tokenizer, args.data_dir, args.val_fraction)
-    meta = data.read_meta(out)
-    print(f"{out}: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens")
+        data.prepare(args.source, tokenizer, args.data_dir, args.val_fraction)  # logs counts
     return 0
 
 

@@ -134,6 +134,20 @@ def test_folder_is_split_by_document(tmp_path: Path, bytes_tok: Tokenizer) -> No
     assert read_meta(out)["split"] == "documents"
 
 
+@pytest.mark.parametrize(("sizes", "warned"), [((100, 100, 100), False), ((10, 10, 500), True)])
+def test_a_document_split_far_from_val_fraction_is_warned_of(
+    tmp_path: Path, bytes_tok: Tokenizer, caplog: pytest.LogCaptureFixture, sizes, warned
+) -> None:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name, size in zip("abc", sizes, strict=True):
+        (folder / f"{name}.txt").write_text("x" * size)
+    with caplog.at_level(logging.WARNING, logger="llm.data"):
+        prepare(str(folder), bytes_tok, tmp_path / "data", val_fraction=0.3)
+    # c.txt validates: a third of the tokens, or 500 of 521 (train: a, <|endoftext|>, b).
+    assert ("the validation split is 96.0% of the tokens" in caplog.text) == warned
+
+
 def test_glob_source(tmp_path: Path, bytes_tok: Tokenizer) -> None:
     (tmp_path / "texts").mkdir()
     for name in ("x.txt", "y.txt", "z.md"):

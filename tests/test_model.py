@@ -17,6 +17,16 @@ def test_gpt2_small_has_gpt2_parameter_count():
     assert model.token_embedding.weight.shape == (50304, 768)  # padded to a multiple of 64
 
 
+def test_summary_names_shape_parameters_and_flops():
+    # 6 * 123,653,376 parameters besides positions + 12 * 12 layers * 768 wide * 1024 positions
+    assert GPT(GPTConfig.from_preset("gpt2")).summary() == (
+        "GPT: 12 layers, 12 heads, width 768, context 1024, vocabulary 50257 (padded to 50304); "
+        "124.44M parameters, 855.2 MFLOP per token to train"
+    )
+    unpadded = GPTConfig(vocab_size=128, context_length=16, n_layer=2, n_head=2, n_embd=32)
+    assert "vocabulary 128;" in GPT(unpadded).summary()  # a multiple of 64 already
+
+
 def test_presets_build_and_differ():
     sizes = {name: (c.n_layer, c.n_head, c.n_embd) for name, c in PRESETS.items()}
     assert sizes["gpt2-xl"] == (48, 25, 1600)

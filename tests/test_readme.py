@@ -103,8 +103,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "trainer.max_steps=3",
     ]
     train(compose_run(overrides, run_dir))
-    (folder / "checkpoints").mkdir()
-    shutil.copy(run_dir / "checkpoints" / "last.ckpt", folder / "checkpoints" / "last.ckpt")
+    # Moved out: a README command starts a new run in outputs/my-run, which a run's checkpoints
+    # there would refuse. Its TensorBoard logs stay, for plot_run.py.
+    shutil.move(run_dir / "checkpoints", folder / "checkpoints")
     model, tokenizer = load_model(folder / "checkpoints" / "last.ckpt")
     save_model(model, folder / "model.safetensors", tokenizer)
     save_hf(model, folder / "gpt2-folder", eot_token=256)

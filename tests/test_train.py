@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator, ScalarEvent
@@ -27,17 +29,26 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from llm.callbacks import (
+    GPTSummary,
     GracefulStop,
     InspectionLogger,
     LossProgressBar,
     TokenThroughputMonitor,
     whole_model_on_rank_zero,
 )
+from llm.data import TokenDataModule
 from llm.errors import refused_config
 from llm.generate import generate_text
 from llm.hardware import device_from_name, peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
-from llm.run import build, register_model_presets, resolve_precision, train, validate
+from llm.run import (
+    SETTINGS,
+    build,
+    register_model_presets,
+    resolve_precision,
+    train,
+    validate,
+)
 from llm.tokenizer import load_tokenizer
 from llm.training import GPTLightningModule, NonFiniteLossError, warmup_cosine
 
@@ -169,10 +180,17 @@ class RecordFirstBatch(L.Callback):
 @pytest.mark.slow
 def test_train_script_writes_checkpoints_and_tensorboard(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_script(*tiny_overrides(corpus, run_dir), f"hydra.run.dir={run_dir}")
+    result = run_script(
+        *tiny_overrides(corpus, run_dir, "trainer.enable_model_summary=true"),
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    output = result.stdout + result.stderr
+    assert "GPT: 2 layers, 2 heads" in output  # llm's summary line, in place of Lightning's table
+    for noise in ("Total FLOPs", "litlogger", "already configured with model summary"):
+        assert noise not in output
 
     events = EventAccumulator(
         str(run_dir / "tensorboard"), size_guidance={"images": 0, "tensors": 0}
@@ -217,7 +235,8 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
         "trainer.devices=0": "trainer: `Trainer(devices=0)` value is not a valid input",
         "callbacks.throughput.window_size=1": "callbacks.throughput: window_size must be at least",
         "callbacks.throughput._target_=llm.Nothing": "callbacks.throughput: Error locating target",
-        "model.n_head=5": "divisible by n_head",
+        "model.n_head=5": "model.n_embd (128) must be divisible by n_head (5); try model.n_embd=",
+        "+model.n_layers=8": "model.n_layers is not a setting, and nothing would read it: did you",
         f"ckpt_path={tmp_path / 'missing.ckpt'}": "does not exist",
         f"ckpt_path={not_a_checkpoint}": "could not be read as a training checkpoint",
         "data=text": "data.source",
@@ -239,7 +258,7 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
         assert len(errors) == 1 and message in errors[0], (overrides, result.stderr)
         assert "Traceback" not in result.stderr, (overrides, result.stderr)
         assert "Error executing job" not in result.stderr, (overrides, result.stderr)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+        assert not (tmp_path / "run").exists()  # Hydra's folder for the run is gone again
 
 
 class BrokenCallback(L.Callback):
@@ -338,8 +357,13 @@ def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, sign
     assert stopped.checkpoint_path == interrupted
     # The signal lands after the step was checked, so one more step finishes before the stop.
     assert torch.load(interrupted, weights_only=True)["global_step"] == step + 1
-    # The stop's own last.ckpt and the stop-time validation's land in one file, not two.
-    assert sorted(p.name for p in interrupted.parent.iterdir()) == ["best.ckpt", "last.ckpt"]
+    # The stop does not validate first: best.ckpt is there only from the validation at step 3,
+    # and the stop's last.ckpt overwrites the one that validation wrote.
+    checkpoints = sorted(p.name for p in interrupted.parent.iterdir())
+    assert checkpoints == (["best.ckpt", "last.ckpt"] if step >= 3 else ["last.ckpt"])
+    events = events_of(first_dir)
+    validated = events.Scalars("val/loss") if "val/loss" in events.Tags()["scalars"] else []
+    assert [event.step for event in validated] == ([2] if step >= 3 else [])  # step 3, from 0
 
     train_tiny(corpus, second_dir, *extra, f"ckpt_path={interrupted}")
     whole = final_weights(whole_dir / "checkpoints" / "last.ckpt")
@@ -351,6 +375,23 @@ def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, sign
         whole_loss, resumed_loss = (last_scalar(d, tag) for d in (whole_dir, second_dir))
         assert whole_loss.step == resumed_loss.step == 7  # the 8th step: logs count from 0
         assert whole_loss.value == resumed_loss.value, tag
+
+
+def test_ctrl_c_before_training_exits_as_an_interrupt(corpus, tmp_path, monkeypatch):
+    # Lightning handles a KeyboardInterrupt it sees (here during data preparation, before
+    # GracefulStop listens) by exiting with code 1; train() raises it again, for code 130.
+    def interrupted(self) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TokenDataModule, "prepare_data", interrupted)
+    run_dir = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_tiny(corpus, run_dir)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C from then on
+    assert not (run_dir / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -382,16 +423,25 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_resuming_with_another_model_config_fails_clearly(corpus, tmp_path):
+def test_a_resume_or_rerun_that_cannot_work_fails_clearly(corpus, tmp_path):
     run_dir = tmp_path / "run"
     train_tiny(corpus, run_dir)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    saved = checkpoint.read_bytes()
+    with pytest.raises(ValueError, match=r"is at step 6, so trainer\.max_steps=6 leaves nothing"):
+        train_tiny(corpus, tmp_path / "other", f"ckpt_path={checkpoint}")
+    # A new run would overwrite the earlier one's checkpoints; resuming it there is fine.
+    with pytest.raises(ValueError, match=r"holds an earlier run's checkpoints \(best.ckpt, last"):
+        train_tiny(corpus, run_dir)
+    assert checkpoint.read_bytes() == saved
+    resume = ("trainer.max_steps=8", f"ckpt_path={checkpoint}")
+    validate(compose_run(tiny_overrides(corpus, run_dir, *resume), run_dir))
     with pytest.raises(ValueError, match="n_layer: 2 in the checkpoint, 3 now"):
-        train_tiny(corpus, tmp_path / "other", "model.n_layer=3", f"ckpt_path={checkpoint}")
+        train_tiny(corpus, tmp_path / "other", "model.n_layer=3", *resume)
     # Refused before the data is prepared again with the other tokenizer (over the old data).
     prepared = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")}
     with pytest.raises(ValueError, match="tokenizer 'bytes', this run uses 'gpt2'"):
-        train_tiny(corpus, tmp_path / "other", "tokenizer.name=gpt2", f"ckpt_path={checkpoint}")
+        train_tiny(corpus, tmp_path / "other", "tokenizer.name=gpt2", *resume)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")} == prepared
 
 
@@ -401,6 +451,15 @@ def test_a_callback_set_to_null_is_left_out(corpus, tmp_path):
     _, _, trainer = build(cfg)
     assert any(isinstance(c, GracefulStop) for c in trainer.callbacks)
     assert not any(c is None or isinstance(c, InspectionLogger) for c in trainer.callbacks)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_model_summary_follows_the_trainer_setting(corpus, tmp_path, enabled):
+    run_dir = tmp_path / "run"
+    setting = f"trainer.enable_model_summary={enabled}"
+    _, _, trainer = build(compose_run(tiny_overrides(corpus, run_dir, setting), run_dir))
+    summaries = [type(c) for c in trainer.callbacks if isinstance(c, ModelSummary)]
+    assert summaries == ([GPTSummary] if enabled else [])  # never Lightning's table
 
 
 @pytest.mark.slow
@@ -509,6 +568,38 @@ def test_a_source_folder_named_by_a_number(corpus, tmp_path, monkeypatch):
     assert cfg.data.source == 2024  # Hydra reads the override as a number
     validate(cfg)
     assert hydra.utils.instantiate(cfg.data).dataset_dir == tmp_path / "data" / "2024"
+
+
+def test_the_settings_are_the_train_configs_keys(corpus, tmp_path):
+    assert set(compose_run(tiny_overrides(corpus, tmp_path), tmp_path)) == set(SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "+model.n_layers=8",
+            "model.n_layers is not a setting, and nothing would read it: "
+            "did you mean model.n_layer?",
+        ),
+        ("+sed=1", "sed is not a setting, and nothing would read it: did you mean seed?"),
+        ("+tokenizer.nmae=x", "did you mean tokenizer.name?"),
+        (
+            "model.vocab_size=100",
+            "model.vocab_size=100 cannot be set: the vocabulary is the tokenizer's",
+        ),
+        (
+            "model.n_head=5",
+            "model.n_embd (32) must be divisible by n_head (5); try model.n_embd=30.",
+        ),
+        ("model.dropout=1.5", "model.dropout must be in [0, 1), got 1.5."),
+    ],
+)
+def test_settings_nothing_reads_and_bad_model_values_are_refused(
+    corpus, tmp_path, override, message
+):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(compose_run(tiny_overrides(corpus, tmp_path, override), tmp_path))
 
 
 def test_a_warmup_longer_than_the_run_is_warned_of(corpus, tmp_path, caplog):
@@ -762,3 +853,14 @@ def test_training_steps_read_the_device_only_every_few_steps(monkeypatch, fused_
     assert sorted(s for s, m in logger.logged.items() if "train/loss" in m) == [9, 19, 29, 39]
     factor = warmup_cosine(39, module.warmup_steps, steps, module.min_lr / module.learning_rate)
     assert logger.logged[39]["train/lr"] == pytest.approx(module.learning_rate * factor, rel=1e-6)
+
+
+def test_progress_bar_shows_losses_with_three_decimals():
+    trainer = SimpleNamespace(
+        loggers=[],
+        progress_bar_metrics={"val/loss": 10.138, "val/perplexity": 25300.4},
+        callback_metrics={"train/loss": torch.tensor(5.0642)},
+    )
+    metrics = LossProgressBar().get_metrics(trainer, None)
+    # Not 10.10: tqdm's three significant digits, padded with a zero by Lightning.
+    assert metrics == {"val/loss": "10.138", "val/perplexity": 25300.4, "train/loss": "5.064"}
