@@ -113,7 +113,8 @@ class GPTSummary(ModelSummary):
     """Logs one line on the model in place of Lightning's layer table: its shape, parameters
     and training FLOPs per token. Lightning's table would list the GPT as one row, and its FLOPs
     column would read 0 (Lightning counts FLOPs only by running a sample batch through the
-    model). Being a ``ModelSummary``, it keeps Lightning from adding that table."""
+    model). Being a ``ModelSummary``, it keeps Lightning from adding that table; its
+    ``max_depth`` has no use here."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Counted here, before FSDP (at fit start) turns the parameters into flat shards.
@@ -269,6 +270,8 @@ class GracefulStop(L.Callback):
     ) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # mid-accumulation: gradients are not in any checkpoint
+        if trainer.global_step >= trainer.max_steps:
+            return  # the run ends here anyway, validated and checkpointed as usual
         stop = self.signal_name is not None
         if trainer.world_size > 1:
             if trainer.global_step % self.distributed_check_every:
@@ -277,13 +280,21 @@ class GracefulStop(L.Callback):
         if not stop:
             return
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
-        self.checkpoint_path = Path(dirpath or trainer.default_root_dir) / "last.ckpt"
-        trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # resumable: all state
+        path = Path(dirpath or trainer.default_root_dir) / "last.ckpt"
+        trainer.save_checkpoint(path, weights_only=False)  # resumable: all state
+        # Set once saved: a second Ctrl-C during the save must not be reported as a stop that
+        # saved its checkpoint.
+        self.checkpoint_path = path
         self.signal_name = self.signal_name or "a signal on another rank"
         trainer.should_stop = True
-        # Lightning validates once more before it stops, which on a large validation split can
-        # take minutes after a Ctrl-C, or outlast a scheduler's grace period: the stop is now.
-        trainer.limit_val_batches = 0
+        # Lightning validates once more on any stop, which on a large validation split can take
+        # minutes after a Ctrl-C, or outlast a scheduler's grace period. Only a validation due at
+        # this step anyway still runs: a resumed run starts after it and would never run it.
+        validation_due = (
+            trainer.fit_loop.epoch_loop.total_batch_idx + 1
+        ) % trainer.val_check_batch == 0
+        if not validation_due:
+            trainer.limit_val_batches = 0
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for signum, handler in self._previous_handlers.items():

@@ -342,13 +342,20 @@ def prepare(
     val_share = counts["val"] / max(1, counts["train"] + counts["val"])
     if len(files) > 1 and not val_fraction / 2 <= val_share <= val_fraction * 2:
         log.warning(
-            "%s: the validation split is %.1f%% of the tokens, for val_fraction=%g: of several "
-            "files, whole ones are split off; files of similar sizes split closer to it",
+            "%s: the validation split is %.1f%% of the tokens, for val_fraction=%g: it is the "
+            "last %d of the %d files, whole; more files, of similar sizes, split closer to it",
             out_dir,
             100 * val_share,
             val_fraction,
+            val_documents(len(files), val_fraction),
+            len(files),
         )
     return out_dir
+
+
+def val_documents(count: int, val_fraction: float) -> int:
+    """Of ``count`` documents, how many (the last ones) validate: at least one on each side."""
+    return min(max(round(count * val_fraction), 1), count - 1)
 
 
 def _pieces(files: list[SourceFile], val_fraction: float) -> Iterator[tuple[str, str, bool]]:
@@ -365,8 +372,7 @@ def _pieces(files: list[SourceFile], val_fraction: float) -> Iterator[tuple[str,
                 yield "val", text[max(cut, 0) :], False
             seen += len(text)
         return
-    # Several documents: the last ones validate, at least one document on each side.
-    num_val = min(max(round(len(files) * val_fraction), 1), len(files) - 1)
+    num_val = val_documents(len(files), val_fraction)
     for index, f in enumerate(files):
         split = "train" if index < len(files) - num_val else "val"
         for number, text in enumerate(read_pieces(f.path)):

@@ -139,22 +139,22 @@ def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
 def loss_curve_figure(
     tensorboard_dir: str | Path, tags: tuple[str, ...] = ("train/loss", "val/loss")
 ) -> Figure:
-    """The losses a training run logged to TensorBoard (``<run>/tensorboard``), against step."""
+    """The losses a training run logged to TensorBoard (``<run>/tensorboard``), against step:
+    those of ``tags`` it logged (a run without validation logged no ``val/loss``)."""
     if not Path(tensorboard_dir).is_dir():
         raise FileNotFoundError(
             f"no TensorBoard logs at {tensorboard_dir}: give a training run's output folder"
         )
     events = EventAccumulator(str(tensorboard_dir))
     events.Reload()
-    missing = [tag for tag in tags if tag not in events.Tags()["scalars"]]
-    if missing:
+    logged = [tag for tag in tags if tag in events.Tags()["scalars"]]
+    if not logged:
         raise ValueError(
-            f"{tensorboard_dir} holds no {', '.join(missing)} scalars: is it from a training "
-            "run that logged a validation?"
+            f"{tensorboard_dir} holds no {' or '.join(tags)} scalars: is it from a training run?"
         )
     figure = Figure(figsize=(6.4, 3.6))
     axes = figure.add_subplot()
-    for tag in tags:
+    for tag in logged:
         points = events.Scalars(tag)
         steps, values = [p.step for p in points], [p.value for p in points]
         axes.plot(steps, values, label=tag, marker="o" if len(points) < 30 else None)

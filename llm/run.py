@@ -11,13 +11,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from llm.callbacks import AtomicCheckpointIO, GracefulStop, InspectionLogger
@@ -32,6 +36,7 @@ from llm.checks import (
     positive,
 )
 from llm.data import REMOTE_SOURCES, check_output_folder, source_files
+from llm.errors import one_line_errors
 from llm.hardware import has_fast_bf16
 from llm.model import PRESETS, GPTConfig
 from llm.training import COMPILE_MODES, check_same_model
@@ -39,13 +44,6 @@ from llm.training import COMPILE_MODES, check_same_model
 log = logging.getLogger(__name__)
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 RESUMABLE = "a last.ckpt or best.ckpt written by scripts/train.py"
-# The top-level keys of configs/train.yaml: its own and its config groups'.
-# What Hydra writes in a run's folder before the run starts.
-HYDRA_FILES = {".hydra", "train.log"}
-SETTINGS = (
-    *("seed", "ckpt_path", "tokenizer", "module", "model"),
-    *("data", "trainer", "logger", "callbacks", "hydra"),
-)
 
 # Lines Lightning logs that say nothing about the run: an advertisement, its notice that it
 # adds no model summary of its own beside llm's, and a "graceful shutdown" on a Ctrl-C that
@@ -88,6 +86,12 @@ CHECKS: list[Check] = [
     ("trainer.max_steps", INTEGER, positive, "a positive integer"),
     ("trainer.val_check_interval", INTEGER, positive, "a positive integer (steps)"),
     ("trainer.log_every_n_steps", INTEGER, positive, "a positive integer"),
+    (
+        "trainer.limit_val_batches",
+        (int, float, type(None)),
+        lambda v: v is None or (v >= 0 if isinstance(v, int) else 0 <= v <= 1),
+        "null (every batch), a number of batches, or a fraction in [0, 1]",
+    ),
     ("trainer.accumulate_grad_batches", INTEGER, positive, "a positive integer"),
     ("trainer.gradient_clip_val", NUMBER, non_negative, "a non-negative number"),
     ("data.batch_size", INTEGER, positive, "a positive integer"),
@@ -115,7 +119,6 @@ CHECKS: list[Check] = [
 
 def validate(cfg: DictConfig) -> None:
     """Fail before any work, with one line naming the key and the fix, on an impossible value."""
-    check_known_keys(cfg, SETTINGS)
     check_known_keys(cfg.tokenizer, ("name", "path"), "tokenizer.")
     check_model(cfg.model)
     check_values(cfg, CHECKS)
@@ -129,13 +132,6 @@ def validate(cfg: DictConfig) -> None:
         source_files(source)
     if cfg.module.min_lr > cfg.module.learning_rate:
         raise ValueError("module.min_lr must not exceed module.learning_rate.")
-    if cfg.module.warmup_steps > cfg.trainer.max_steps:  # allowed, but rarely what was meant
-        rank_zero_only(log.warning)(
-            "module.warmup_steps=%d is more than trainer.max_steps=%d: the learning rate never "
-            "reaches module.learning_rate",
-            cfg.module.warmup_steps,
-            cfg.trainer.max_steps,
-        )
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(
             f"trainer.accelerator={cfg.trainer.accelerator} but torch sees no CUDA GPU here; "
@@ -163,25 +159,56 @@ def validate(cfg: DictConfig) -> None:
             )
         current = {**OmegaConf.to_container(cfg.model), "vocab_size": saved.vocab_size}
         check_same_model(saved.to_dict(), current)
-    else:
-        check_no_earlier_run(cfg)
     if cfg.data.get("data_dir") is not None:  # fail now, not after the trainer is built
         check_output_folder(source, cfg.data.data_dir, "data.data_dir")
+    # Allowed, but rarely what was meant; warned of only once nothing is refused.
+    if cfg.module.warmup_steps > cfg.trainer.max_steps:
+        rank_zero_only(log.warning)(
+            "module.warmup_steps=%d is more than trainer.max_steps=%d: the learning rate never "
+            "reaches module.learning_rate",
+            cfg.module.warmup_steps,
+            cfg.trainer.max_steps,
+        )
 
 
-def check_no_earlier_run(cfg: DictConfig) -> None:
-    """Refuse to start a new run in a folder where an earlier one left checkpoints: this one
-    would overwrite them (a rerun with the same ``hydra.run.dir``)."""
-    checkpoint = cfg.callbacks.get("checkpoint")
-    dirpath = checkpoint.get("dirpath") if checkpoint else None
-    folder = Path(dirpath or cfg.trainer.default_root_dir)  # where checkpoints go (GracefulStop)
-    found = sorted(path.name for path in folder.glob("*.ckpt"))
+# Where a run's checkpoints land, in its folder: the checkpoint callback's (configs/callbacks),
+# Lightning's own with that callback off (under the logger's folder, or the run's), and
+# GracefulStop's last.ckpt with checkpointing off (trainer.enable_checkpointing=false).
+CHECKPOINT_PLACES = ("checkpoints/*.ckpt", "tensorboard/checkpoints/*.ckpt", "*.ckpt")
+
+
+class RefuseEarlierRun(Callback):
+    """A Hydra callback (``hydra.callbacks`` in configs/train.yaml) that refuses a new run, or
+    sweep, in a folder where an earlier one left checkpoints: it would overwrite them. It runs
+    before Hydra writes anything there, so the earlier run's config copy (``.hydra/``) stays as
+    it was too. A resume (``ckpt_path=``) may go on where it left off."""
+
+    # Hydra turns a callback's exception into a warning and goes on; a SystemExit stops it.
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with one_line_errors():
+            check_no_earlier_run(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with one_line_errors():
+            check_no_earlier_run(config, sweep=True)
+
+
+def check_no_earlier_run(cfg: DictConfig, sweep: bool = False) -> None:
+    """Raise a one-line ValueError if the run's folder (``hydra.run.dir``), or the sweep's
+    (``hydra.sweep.dir``, a folder per job), holds checkpoints and ``cfg`` starts a new run
+    rather than resuming one."""
+    setting = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    places = [f"*/{place}" for place in CHECKPOINT_PLACES] if sweep else CHECKPOINT_PLACES
+    folder = Path(OmegaConf.select(cfg, setting))
+    if cfg.get("ckpt_path") is not None or not folder.is_dir():
+        return
+    found = sorted(path for place in places for path in folder.glob(place))
     if found:
-        resume = "last.ckpt" if "last.ckpt" in found else found[0]
+        last = next((path for path in found if path.name == "last.ckpt"), found[0])
+        names = ", ".join(str(path.relative_to(folder)) for path in found)
         raise ValueError(
-            f"{folder} holds an earlier run's checkpoints ({', '.join(found)}), which this run "
-            f"would overwrite: resume it with ckpt_path={folder / resume}, or set another "
-            "hydra.run.dir"
+            f"{folder} holds an earlier run's checkpoints ({names}), which this run would "
+            f"overwrite: resume it with ckpt_path={last}, or set another {setting}"
         )
 
 
@@ -257,16 +284,28 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
 
 
 @contextmanager
-def discarded_if_refused(run_dir: str | Path) -> Iterator[None]:
-    """Remove the run's folder if the run fails before writing to it. Hydra makes the folder,
-    its config copy (``.hydra/``) and log (``train.log``) before any llm code runs, so every run
-    refused for a bad setting would leave a folder of them behind."""
+def discarded_if_refused() -> Iterator[None]:
+    """Remove the run's folder if what runs inside fails while the folder holds only what Hydra
+    wrote in it: its config copy (``.hydra/``) and an empty log. Hydra makes those before any
+    llm code runs, so every run refused for a bad setting would leave such a folder behind. A
+    folder that held anything more on entry (a rerun's, say) is left alone."""
+    if not HydraConfig.initialized():
+        yield
+        return
+    hydra = HydraConfig.get()
+    folder = Path(hydra.runtime.output_dir).resolve()
+    log_file = folder / f"{hydra.job.name}.log"
+    written = {hydra.output_subdir, log_file.name}
+
+    def only_what_hydra_wrote() -> bool:
+        return folder.is_dir() and {path.name for path in folder.iterdir()} <= written
+
+    fresh = only_what_hydra_wrote() and not (log_file.is_file() and log_file.stat().st_size)
+    fresh = fresh and folder != Path.cwd() and folder not in Path.cwd().parents  # run.dir=.
     try:
         yield
     except BaseException:
-        folder = Path(run_dir).resolve()
-        keep = folder == Path.cwd() or folder in Path.cwd().parents  # hydra.run.dir=.
-        if not keep and folder.is_dir() and {p.name for p in folder.iterdir()} <= HYDRA_FILES:
+        if fresh and only_what_hydra_wrote():
             shutil.rmtree(folder, ignore_errors=True)
         raise
 
@@ -274,17 +313,20 @@ def discarded_if_refused(run_dir: str | Path) -> Iterator[None]:
 def train(cfg: DictConfig) -> GracefulStop | None:
     """Build everything from ``cfg`` and fit. Returns the graceful-stop callback, which says
     whether a signal ended training and where its checkpoint went."""
-    datamodule, module, trainer = build(cfg)
+    with discarded_if_refused():
+        datamodule, module, trainer = build(cfg)
     if trainer.logger:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    except SystemExit:
+    except SIGTERMException:  # Lightning's, for a SIGTERM before GracefulStop listens
+        raise SystemExit(EXIT_CODES["SIGTERM"]) from None
+    except SystemExit as exit:
         # A Ctrl-C that GracefulStop does not take (during data preparation, or a second one)
         # Lightning turns into exit code 1. Once GracefulStop has saved, it is that stop;
         # before, a KeyboardInterrupt, which exits as any Ctrl-C does (130).
-        if not trainer.interrupted:
+        if not isinstance(exit.__context__, KeyboardInterrupt):
             raise
         if stop is None or stop.checkpoint_path is None:
             raise KeyboardInterrupt from None

@@ -6,18 +6,17 @@ Configs live in configs/ (train.yaml and its groups); see the README for recipes
 import sys
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from llm.errors import one_line_errors, run_hydra_main
-from llm.run import EXIT_CODES, discarded_if_refused, register_model_presets, train
+from llm.run import EXIT_CODES, register_model_presets, train
 
 register_model_presets()
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    with one_line_errors(), discarded_if_refused(HydraConfig.get().runtime.output_dir):
+    with one_line_errors():
         stopped = train(cfg)
     if stopped is not None and stopped.checkpoint_path is not None:  # a signal stopped training
         print(

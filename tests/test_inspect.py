@@ -169,8 +169,15 @@ def test_loss_curve_figure_draws_each_logged_loss(tmp_path: Path) -> None:
     assert list(lines["val/loss"].get_xdata()) == [2, 4]
 
 
+def test_loss_curve_figure_of_a_run_without_validation_draws_the_training_loss(tmp_path):
+    with SummaryWriter(str(tmp_path)) as writer:
+        writer.add_scalar("train/loss", 5.0, 0)
+    lines = loss_curve_figure(tmp_path).axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["train/loss"]
+
+
 def test_loss_curve_figure_refuses_a_folder_without_losses(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="holds no train/loss, val/loss scalars"):
+    with pytest.raises(ValueError, match="holds no train/loss or val/loss scalars"):
         loss_curve_figure(tmp_path)
 
 

@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator, ScalarEvent
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
@@ -42,8 +43,9 @@ from llm.generate import generate_text
 from llm.hardware import device_from_name, peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
 from llm.run import (
-    SETTINGS,
     build,
+    check_no_earlier_run,
+    discarded_if_refused,
     register_model_presets,
     resolve_precision,
     train,
@@ -259,6 +261,18 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
         assert "Traceback" not in result.stderr, (overrides, result.stderr)
         assert "Error executing job" not in result.stderr, (overrides, result.stderr)
         assert not (tmp_path / "run").exists()  # Hydra's folder for the run is gone again
+    # A rerun where an earlier run left checkpoints is refused before Hydra writes there.
+    earlier = tmp_path / "earlier"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's")
+    (earlier / ".hydra").mkdir()
+    (earlier / ".hydra" / "config.yaml").write_text("the earlier run's config")
+    result = run_script("tokenizer.name=bytes", f"hydra.run.dir={earlier}")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "holds an earlier run's checkpoints (checkpoints/last.ckpt)" in result.stderr
+    assert sorted(p.name for p in earlier.iterdir()) == [".hydra", "checkpoints"]
+    assert (earlier / ".hydra" / "config.yaml").read_text() == "the earlier run's config"
 
 
 class BrokenCallback(L.Callback):
@@ -337,33 +351,43 @@ def test_validation_counts_optimizer_steps_and_ends_every_run(corpus, tmp_path):
 
 
 @pytest.mark.slow
-# Before the first validation (at step 3), when no checkpoint has been written yet, and after.
-@pytest.mark.parametrize(("signum", "step"), [(signal.SIGINT, 1), (signal.SIGTERM, 4)])
+def validated_steps(run_dir: Path) -> list[int]:
+    """The steps at which a run logged a validation loss (counted from 0)."""
+    events = events_of(run_dir)
+    if "val/loss" not in events.Tags()["scalars"]:
+        return []
+    return [event.step for event in events.Scalars("val/loss")]
+
+
+def train_with_signal(corpus: Path, run_dir: Path, signum: int, step: int, *extra: str):
+    """A tiny run that sends itself ``signum`` at the end of ``step``."""
+    cfg = compose_run(tiny_overrides(corpus, run_dir, *extra), run_dir)
+    with open_dict(cfg):
+        cfg.callbacks.signal = {"_target_": f"{__name__}.SignalAtStep", "step": step}
+        cfg.callbacks.signal.signum = signum
+    return train(cfg)
+
+
+# The signal lands after the step was checked, so the stop comes a step later: at step 2,
+# before the first validation (step 3) has written any checkpoint; at step 3, a step that
+# validates anyway; at step 5, between validations.
+@pytest.mark.parametrize(
+    ("signum", "step"), [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGTERM, 4)]
+)
 def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, signum, step):
     extra = ["trainer.max_steps=8", "model.dropout=0.1"]
     whole_dir, first_dir, second_dir = tmp_path / "whole", tmp_path / "first", tmp_path / "second"
     train_tiny(corpus, whole_dir, *extra)
 
-    cfg = compose_run(tiny_overrides(corpus, first_dir, *extra), first_dir)
-    with open_dict(cfg):
-        cfg.callbacks.signal = {
-            "_target_": f"{__name__}.SignalAtStep",
-            "step": step,
-            "signum": signum,
-        }
-    stopped = train(cfg)
+    stopped = train_with_signal(corpus, first_dir, signum, step, *extra)
     assert stopped.signal_name == signal.Signals(signum).name
     interrupted = first_dir / "checkpoints" / "last.ckpt"
     assert stopped.checkpoint_path == interrupted
-    # The signal lands after the step was checked, so one more step finishes before the stop.
     assert torch.load(interrupted, weights_only=True)["global_step"] == step + 1
-    # The stop does not validate first: best.ckpt is there only from the validation at step 3,
-    # and the stop's last.ckpt overwrites the one that validation wrote.
+    # The stop validates only where a validation was due: best.ckpt comes from step 3's alone.
     checkpoints = sorted(p.name for p in interrupted.parent.iterdir())
-    assert checkpoints == (["best.ckpt", "last.ckpt"] if step >= 3 else ["last.ckpt"])
-    events = events_of(first_dir)
-    validated = events.Scalars("val/loss") if "val/loss" in events.Tags()["scalars"] else []
-    assert [event.step for event in validated] == ([2] if step >= 3 else [])  # step 3, from 0
+    assert checkpoints == (["best.ckpt", "last.ckpt"] if step >= 2 else ["last.ckpt"])
+    assert validated_steps(first_dir) == ([2] if step >= 2 else [])
 
     train_tiny(corpus, second_dir, *extra, f"ckpt_path={interrupted}")
     whole = final_weights(whole_dir / "checkpoints" / "last.ckpt")
@@ -375,23 +399,47 @@ def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, sign
         whole_loss, resumed_loss = (last_scalar(d, tag) for d in (whole_dir, second_dir))
         assert whole_loss.step == resumed_loss.step == 7  # the 8th step: logs count from 0
         assert whole_loss.value == resumed_loss.value, tag
+    # Between them, the two runs validated where the uninterrupted one did, and only there.
+    assert validated_steps(first_dir) + validated_steps(second_dir) == validated_steps(whole_dir)
 
 
-def test_ctrl_c_before_training_exits_as_an_interrupt(corpus, tmp_path, monkeypatch):
-    # Lightning handles a KeyboardInterrupt it sees (here during data preparation, before
-    # GracefulStop listens) by exiting with code 1; train() raises it again, for code 130.
-    def interrupted(self) -> None:
-        raise KeyboardInterrupt
+def test_a_signal_at_the_last_step_lets_the_run_end_as_usual(corpus, tmp_path):
+    stopped = train_with_signal(corpus, tmp_path / "run", signal.SIGINT, 5, "trainer.max_steps=6")
+    assert stopped.checkpoint_path is None  # nothing to resume: no "Stopped by" message
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6
+    assert validated_steps(tmp_path / "run") == [2, 5]
 
-    monkeypatch.setattr(TokenDataModule, "prepare_data", interrupted)
-    run_dir = tmp_path / "run"
+
+def raise_in(owner: type, method: str, error: BaseException, monkeypatch) -> None:
+    def raising(*args: Any, **kwargs: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(owner, method, raising)
+
+
+# Lightning answers a KeyboardInterrupt it sees (during data preparation, before GracefulStop
+# listens, or a second Ctrl-C, say during the stop's save) with exit code 1, and ignores Ctrl-C
+# from then on; train() raises it again, for 130, and never as a stop that saved.
+@pytest.mark.parametrize("during", ["preparation", "save"])
+def test_a_ctrl_c_lightning_takes_is_an_interrupt(corpus, tmp_path, monkeypatch, during):
+    if during == "preparation":
+        raise_in(TokenDataModule, "prepare_data", KeyboardInterrupt(), monkeypatch)
+    else:
+        raise_in(L.Trainer, "save_checkpoint", KeyboardInterrupt(), monkeypatch)
     handler = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(KeyboardInterrupt):
-            train_tiny(corpus, run_dir)
+            train_with_signal(corpus, tmp_path / "run", signal.SIGINT, 1)
     finally:
-        signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C from then on
-    assert not (run_dir / "checkpoints").exists()
+        signal.signal(signal.SIGINT, handler)
+
+
+def test_a_sigterm_lightning_takes_exits_143(corpus, tmp_path, monkeypatch):
+    raise_in(TokenDataModule, "prepare_data", SIGTERMException(), monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        train_tiny(corpus, tmp_path / "run")
+    assert exit_info.value.code == 143
 
 
 @pytest.mark.slow
@@ -427,14 +475,19 @@ def test_a_resume_or_rerun_that_cannot_work_fails_clearly(corpus, tmp_path):
     run_dir = tmp_path / "run"
     train_tiny(corpus, run_dir)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    saved = checkpoint.read_bytes()
     with pytest.raises(ValueError, match=r"is at step 6, so trainer\.max_steps=6 leaves nothing"):
         train_tiny(corpus, tmp_path / "other", f"ckpt_path={checkpoint}")
-    # A new run would overwrite the earlier one's checkpoints; resuming it there is fine.
-    with pytest.raises(ValueError, match=r"holds an earlier run's checkpoints \(best.ckpt, last"):
-        train_tiny(corpus, run_dir)
-    assert checkpoint.read_bytes() == saved
+    # A new run, or sweep, would overwrite the earlier one's checkpoints; a resume there may go
+    # on. Hydra runs the check before it writes in the folder (see the script's test).
     resume = ("trainer.max_steps=8", f"ckpt_path={checkpoint}")
+    for setting, folder, sweep in (("run", run_dir, False), ("sweep", tmp_path, True)):
+        override = f"hydra.{setting}.dir={folder}"
+        cfg = compose_run(tiny_overrides(corpus, run_dir, override), run_dir)
+        with pytest.raises(ValueError, match=r"checkpoints \(.*best.ckpt, .*last.ckpt\), which"):
+            check_no_earlier_run(cfg, sweep)
+        check_no_earlier_run(
+            compose_run(tiny_overrides(corpus, run_dir, override, *resume), run_dir), sweep
+        )
     validate(compose_run(tiny_overrides(corpus, run_dir, *resume), run_dir))
     with pytest.raises(ValueError, match="n_layer: 2 in the checkpoint, 3 now"):
         train_tiny(corpus, tmp_path / "other", "model.n_layer=3", *resume)
@@ -570,10 +623,6 @@ def test_a_source_folder_named_by_a_number(corpus, tmp_path, monkeypatch):
     assert hydra.utils.instantiate(cfg.data).dataset_dir == tmp_path / "data" / "2024"
 
 
-def test_the_settings_are_the_train_configs_keys(corpus, tmp_path):
-    assert set(compose_run(tiny_overrides(corpus, tmp_path), tmp_path)) == set(SETTINGS)
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -582,7 +631,6 @@ def test_the_settings_are_the_train_configs_keys(corpus, tmp_path):
             "model.n_layers is not a setting, and nothing would read it: "
             "did you mean model.n_layer?",
         ),
-        ("+sed=1", "sed is not a setting, and nothing would read it: did you mean seed?"),
         ("+tokenizer.nmae=x", "did you mean tokenizer.name?"),
         (
             "model.vocab_size=100",
@@ -593,6 +641,8 @@ def test_the_settings_are_the_train_configs_keys(corpus, tmp_path):
             "model.n_embd (32) must be divisible by n_head (5); try model.n_embd=30.",
         ),
         ("model.dropout=1.5", "model.dropout must be in [0, 1), got 1.5."),
+        ("trainer.limit_val_batches=-1", "trainer.limit_val_batches must be null (every batch)"),
+        ("trainer.limit_val_batches=1.5", "a number of batches, or a fraction in [0, 1], got 1.5"),
     ],
 )
 def test_settings_nothing_reads_and_bad_model_values_are_refused(
@@ -864,3 +914,21 @@ def test_progress_bar_shows_losses_with_three_decimals():
     metrics = LossProgressBar().get_metrics(trainer, None)
     # Not 10.10: tqdm's three significant digits, padded with a zero by Lightning.
     assert metrics == {"val/loss": "10.138", "val/perplexity": 25300.4, "train/loss": "5.064"}
+
+
+@pytest.mark.parametrize(
+    ("log_text", "written_later", "removed"),
+    [("", None, True), ("an earlier run's lines\n", None, False), ("", "tensorboard", False)],
+)
+def test_a_refused_run_removes_only_a_folder_of_hydras_own_files(
+    corpus, tmp_path, log_text, written_later, removed
+):
+    run_dir = tmp_path / "run"
+    compose_run(tiny_overrides(corpus, run_dir), run_dir)
+    (run_dir / ".hydra").mkdir(parents=True)  # as Hydra leaves it before the run starts
+    (run_dir / f"{HydraConfig.get().job.name}.log").write_text(log_text)
+    with pytest.raises(ValueError), discarded_if_refused():
+        if written_later:
+            (run_dir / written_later).mkdir()
+        raise ValueError("refused")
+    assert run_dir.exists() != removed
