@@ -292,10 +292,10 @@ def discarded_if_refused() -> Iterator[None]:
     if not HydraConfig.initialized():
         yield
         return
-    hydra = HydraConfig.get()
-    folder = Path(hydra.runtime.output_dir).resolve()
-    log_file = folder / f"{hydra.job.name}.log"
-    written = {hydra.output_subdir, log_file.name}
+    hydra_config = HydraConfig.get()
+    folder = Path(hydra_config.runtime.output_dir).resolve()
+    log_file = folder / f"{hydra_config.job.name}.log"
+    written = {hydra_config.output_subdir, log_file.name}
 
     def only_what_hydra_wrote() -> bool:
         return folder.is_dir() and {path.name for path in folder.iterdir()} <= written
@@ -322,11 +322,11 @@ def train(cfg: DictConfig) -> GracefulStop | None:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     except SIGTERMException:  # Lightning's, for a SIGTERM before GracefulStop listens
         raise SystemExit(EXIT_CODES["SIGTERM"]) from None
-    except SystemExit as exit:
+    except SystemExit as error:
         # A Ctrl-C that GracefulStop does not take (during data preparation, or a second one)
         # Lightning turns into exit code 1. Once GracefulStop has saved, it is that stop;
         # before, a KeyboardInterrupt, which exits as any Ctrl-C does (130).
-        if not isinstance(exit.__context__, KeyboardInterrupt):
+        if not isinstance(error.__context__, KeyboardInterrupt):
             raise
         if stop is None or stop.checkpoint_path is None:
             raise KeyboardInterrupt from None
