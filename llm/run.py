@@ -171,17 +171,11 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
-# Where a run's checkpoints land, in its folder: the checkpoint callback's (configs/callbacks),
-# Lightning's own with that callback off (under the logger's folder, or the run's), and
-# GracefulStop's last.ckpt with checkpointing off (trainer.enable_checkpointing=false).
-CHECKPOINT_PLACES = ("checkpoints/*.ckpt", "tensorboard/checkpoints/*.ckpt", "*.ckpt")
-
-
 class RefuseEarlierRun(Callback):
     """A Hydra callback (``hydra.callbacks`` in configs/train.yaml) that refuses a new run, or
     sweep, in a folder where an earlier one left checkpoints: it would overwrite them. It runs
     before Hydra writes anything there, so the earlier run's config copy (``.hydra/``) stays as
-    it was too. A resume (``ckpt_path=``) may go on where it left off."""
+    it was too."""
 
     # Hydra turns a callback's exception into a warning and goes on; a SystemExit stops it.
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -195,21 +189,28 @@ class RefuseEarlierRun(Callback):
 
 def check_no_earlier_run(cfg: DictConfig, sweep: bool = False) -> None:
     """Raise a one-line ValueError if the run's folder (``hydra.run.dir``), or the sweep's
-    (``hydra.sweep.dir``, a folder per job), holds checkpoints and ``cfg`` starts a new run
-    rather than resuming one."""
+    (``hydra.sweep.dir``), holds checkpoints at any depth, unless this run resumes one of them
+    (``ckpt_path``) or Lightning will (its SLURM requeue checkpoints, ``hpc_ckpt_*.ckpt``)."""
     setting = "hydra.sweep.dir" if sweep else "hydra.run.dir"
-    places = [f"*/{place}" for place in CHECKPOINT_PLACES] if sweep else CHECKPOINT_PLACES
-    folder = Path(OmegaConf.select(cfg, setting))
-    if cfg.get("ckpt_path") is not None or not folder.is_dir():
+    folder = Path(OmegaConf.select(cfg, setting)).absolute()
+    found = sorted(folder.rglob("*.ckpt")) if folder.is_dir() else []
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and Path(ckpt_path).absolute().is_relative_to(folder):
+        return  # the run goes on where it left off
+    if not found or any(path.name.startswith("hpc_ckpt_") for path in found):
         return
-    found = sorted(path for place in places for path in folder.glob(place))
-    if found:
-        last = next((path for path in found if path.name == "last.ckpt"), found[0])
-        names = ", ".join(str(path.relative_to(folder)) for path in found)
-        raise ValueError(
-            f"{folder} holds an earlier run's checkpoints ({names}), which this run would "
-            f"overwrite: resume it with ckpt_path={last}, or set another {setting}"
-        )
+    last = next((path for path in found if path.name == "last.ckpt"), found[0])
+    names = ", ".join(str(path.relative_to(folder)) for path in found[:4])
+    resume = (
+        f"a job with hydra.run.dir={folder / last.relative_to(folder).parts[0]} ckpt_path={last}"
+        if sweep
+        else f"it with ckpt_path={last}"
+    )
+    raise ValueError(
+        f"{folder} holds an earlier run's checkpoints ({names}{', ...' if len(found) > 4 else ''})"
+        f", which this {'sweep' if sweep else 'run'} would overwrite: set another {setting}, or "
+        f"resume {resume}"
+    )
 
 
 def check_model(model: DictConfig) -> None:
@@ -293,7 +294,7 @@ def discarded_if_refused() -> Iterator[None]:
         yield
         return
     hydra_config = HydraConfig.get()
-    folder = Path(hydra_config.runtime.output_dir).resolve()
+    folder = Path(hydra_config.runtime.output_dir).absolute()
     log_file = folder / f"{hydra_config.job.name}.log"
     written = {hydra_config.output_subdir, log_file.name}
 
@@ -301,7 +302,8 @@ def discarded_if_refused() -> Iterator[None]:
         return folder.is_dir() and {path.name for path in folder.iterdir()} <= written
 
     fresh = only_what_hydra_wrote() and not (log_file.is_file() and log_file.stat().st_size)
-    fresh = fresh and folder != Path.cwd() and folder not in Path.cwd().parents  # run.dir=.
+    # Never the folder the run started in (hydra.run.dir=.), or one a link leads to.
+    fresh = fresh and not folder.is_symlink() and not Path.cwd().is_relative_to(folder)
     try:
         yield
     except BaseException:
@@ -320,8 +322,9 @@ def train(cfg: DictConfig) -> GracefulStop | None:
     stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    except SIGTERMException:  # Lightning's, for a SIGTERM before GracefulStop listens
-        raise SystemExit(EXIT_CODES["SIGTERM"]) from None
+    except SIGTERMException:  # Lightning's: a SIGTERM GracefulStop did not take (or a second)
+        if stop is None or stop.checkpoint_path is None:
+            raise SystemExit(EXIT_CODES["SIGTERM"]) from None
     except SystemExit as error:
         # A Ctrl-C that GracefulStop does not take (during data preparation, or a second one)
         # Lightning turns into exit code 1. Once GracefulStop has saved, it is that stop;

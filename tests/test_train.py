@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -435,11 +436,18 @@ def test_a_ctrl_c_lightning_takes_is_an_interrupt(corpus, tmp_path, monkeypatch,
         signal.signal(signal.SIGINT, handler)
 
 
-def test_a_sigterm_lightning_takes_exits_143(corpus, tmp_path, monkeypatch):
+def test_a_sigterm_lightning_takes_exits_143_or_is_the_stop_that_saved(
+    corpus, tmp_path, monkeypatch
+):
     raise_in(TokenDataModule, "prepare_data", SIGTERMException(), monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         train_tiny(corpus, tmp_path / "run")
     assert exit_info.value.code == 143
+    monkeypatch.undo()
+    # A second SIGTERM, during the validation due at the stop (step 3), after the stop's save.
+    raise_in(InspectionLogger, "on_validation_end", SIGTERMException(), monkeypatch)
+    stopped = train_with_signal(corpus, tmp_path / "stopped", signal.SIGTERM, 2)
+    assert stopped.checkpoint_path == tmp_path / "stopped" / "checkpoints" / "last.ckpt"
 
 
 @pytest.mark.slow
@@ -488,6 +496,16 @@ def test_a_resume_or_rerun_that_cannot_work_fails_clearly(corpus, tmp_path):
         check_no_earlier_run(
             compose_run(tiny_overrides(corpus, run_dir, override, *resume), run_dir), sweep
         )
+    # Resuming another run's checkpoint here would overwrite this one's; with Lightning's SLURM
+    # requeue checkpoint there, Lightning resumes this run itself.
+    elsewhere = tmp_path / "elsewhere.ckpt"
+    shutil.copy(checkpoint, elsewhere)
+    foreign = (f"hydra.run.dir={run_dir}", "trainer.max_steps=8", f"ckpt_path={elsewhere}")
+    with pytest.raises(ValueError, match=r"which this run would overwrite: set another hydra\.run"):
+        check_no_earlier_run(compose_run(tiny_overrides(corpus, run_dir, *foreign), run_dir))
+    (run_dir / "hpc_ckpt_1.ckpt").write_bytes(b"")
+    requeued = compose_run(tiny_overrides(corpus, run_dir, f"hydra.run.dir={run_dir}"), run_dir)
+    check_no_earlier_run(requeued)
     validate(compose_run(tiny_overrides(corpus, run_dir, *resume), run_dir))
     with pytest.raises(ValueError, match="n_layer: 2 in the checkpoint, 3 now"):
         train_tiny(corpus, tmp_path / "other", "model.n_layer=3", *resume)
@@ -932,3 +950,13 @@ def test_a_refused_run_removes_only_a_folder_of_hydras_own_files(
             (run_dir / written_later).mkdir()
         raise ValueError("refused")
     assert run_dir.exists() != removed
+
+
+def test_a_refused_run_in_a_linked_folder_leaves_it(corpus, tmp_path):
+    target, run_dir = tmp_path / "target", tmp_path / "run"
+    (target / ".hydra").mkdir(parents=True)
+    run_dir.symlink_to(target)
+    compose_run(tiny_overrides(corpus, run_dir), run_dir)
+    with pytest.raises(ValueError), discarded_if_refused():
+        raise ValueError("refused")
+    assert (target / ".hydra").is_dir() and run_dir.is_symlink()
