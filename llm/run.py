@@ -193,10 +193,10 @@ def check_no_earlier_run(cfg: DictConfig, sweep: bool = False) -> None:
     (``ckpt_path``) or Lightning will (its SLURM requeue checkpoints, ``hpc_ckpt_*.ckpt``)."""
     setting = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     folder = Path(OmegaConf.select(cfg, setting)).absolute()
-    found = sorted(folder.rglob("*.ckpt")) if folder.is_dir() else []
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and Path(ckpt_path).absolute().is_relative_to(folder):
         return  # the run goes on where it left off
+    found = sorted(folder.rglob("*.ckpt")) if folder.is_dir() else []
     if not found or any(path.name.startswith("hpc_ckpt_") for path in found):
         return
     last = next((path for path in found if path.name == "last.ckpt"), found[0])

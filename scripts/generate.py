@@ -79,8 +79,9 @@ def run(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "checkpoint") or cfg.checkpoint is None:
         raise ValueError("no model: give checkpoint=PATH (a .ckpt, .safetensors or GPT-2 folder)")
     # configs/generate.yaml holds every setting; one added with +key=value is a typo.
-    check_known_keys(cfg, set(OmegaConf.load(CONFIG)) - {"defaults"})
-    check_known_keys(cfg.tokenizer, ("path",), "tokenizer.")
+    settings = OmegaConf.load(CONFIG)
+    check_known_keys(cfg, set(settings) - {"defaults"})
+    check_known_keys(cfg.tokenizer, set(settings.tokenizer), "tokenizer.")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     check_values(cfg, CHECKS)

@@ -320,6 +320,14 @@ def test_multirun_sweep_gives_each_run_its_own_folder(corpus, tmp_path):
 # --- training behaviour ---------------------------------------------------------------------
 
 
+def validated_steps(run_dir: Path) -> list[int]:
+    """The steps at which a run logged a validation loss (counted from 0)."""
+    events = events_of(run_dir)
+    if "val/loss" not in events.Tags()["scalars"]:
+        return []
+    return [event.step for event in events.Scalars("val/loss")]
+
+
 @pytest.mark.slow
 def test_loss_falls_by_half(corpus, tmp_path):
     run_dir = tmp_path / "run"
@@ -347,19 +355,11 @@ def test_validation_counts_optimizer_steps_and_ends_every_run(corpus, tmp_path):
     )
     # After optimizer steps 2 and 4, between steps as a resumed run needs, and after the last
     # (logging steps count from 0).
-    assert [event.step for event in events_of(run_dir).Scalars("val/loss")] == [1, 3, 4]
+    assert validated_steps(run_dir) == [1, 3, 4]
     assert torch.load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 5
 
 
 @pytest.mark.slow
-def validated_steps(run_dir: Path) -> list[int]:
-    """The steps at which a run logged a validation loss (counted from 0)."""
-    events = events_of(run_dir)
-    if "val/loss" not in events.Tags()["scalars"]:
-        return []
-    return [event.step for event in events.Scalars("val/loss")]
-
-
 def train_with_signal(corpus: Path, run_dir: Path, signum: int, step: int, *extra: str):
     """A tiny run that sends itself ``signum`` at the end of ``step``."""
     cfg = compose_run(tiny_overrides(corpus, run_dir, *extra), run_dir)
