@@ -4,8 +4,10 @@ datamodule, module, callbacks, logger and trainer, and fit."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -15,14 +17,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra._internal.utils import get_args_parser
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from llm.callbacks import AtomicCheckpointIO, GracefulStop, InspectionLogger
 from llm.checkpoint import training_checkpoint_config
@@ -44,6 +48,8 @@ from llm.training import COMPILE_MODES, check_same_model
 log = logging.getLogger(__name__)
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 RESUMABLE = "a last.ckpt or best.ckpt written by scripts/train.py"
+# What Lightning's DDP launcher sets in its own process's environment for the ranks it starts.
+LAUNCHER_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 # Lines Lightning logs that say nothing about the run: an advertisement, its notice that it
 # adds no model summary of its own beside llm's, and a "graceful shutdown" on a Ctrl-C that
@@ -312,6 +318,45 @@ def discarded_if_refused() -> Iterator[None]:
         raise
 
 
+@contextmanager
+def launched_ranks_run_this_job() -> Iterator[None]:
+    """Let Lightning's DDP launcher start the other ranks of one ``--multirun`` job.
+
+    The launcher starts each rank with this process's command line plus ``hydra.run.dir``.
+    In a sweep that command line is the whole sweep (and with ``-m`` before the overrides,
+    argparse refuses the launcher's additions), and ``hydra.run.dir`` is not the job's folder.
+    It also leaves its environment and process group to the next job, which would then wait
+    for ranks that have finished. So while the job runs, the command line is the job's own
+    overrides and the run folder the job's; after it, both are reset.
+    """
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        yield
+        return
+    hydra_config = HydraConfig.get()
+    command_line = sys.argv
+    options = get_args_parser().parse_args(command_line[1:])
+    config_options = [
+        f"--{name.replace('_', '-')}={value}"
+        for name in ("config_path", "config_name", "config_dir")
+        if (value := getattr(options, name)) is not None
+    ]
+    environment = {key: os.environ.get(key) for key in LAUNCHER_ENVIRONMENT}
+    with read_write(hydra_config):
+        hydra_config.run.dir = hydra_config.runtime.output_dir
+    sys.argv = [command_line[0], *config_options, *hydra_config.overrides.task]
+    try:
+        yield
+        if environment["LOCAL_RANK"] is None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # this process launched the ranks
+    finally:
+        sys.argv = command_line
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def train(cfg: DictConfig) -> GracefulStop | None:
     """Build everything from ``cfg`` and fit. Returns the graceful-stop callback, which says
     whether a signal ended training and where its checkpoint went."""
@@ -321,7 +366,8 @@ def train(cfg: DictConfig) -> GracefulStop | None:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+        with launched_ranks_run_this_job():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     except SIGTERMException:  # Lightning's: a SIGTERM GracefulStop did not take (or a second)
         if stop is None or stop.checkpoint_path is None:
             raise SystemExit(EXIT_CODES["SIGTERM"]) from None

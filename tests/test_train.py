@@ -613,6 +613,31 @@ def test_ddp_on_cpu_ranks_see_different_batches(corpus, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
+@pytest.mark.slow
+def test_ddp_sweep_starts_each_jobs_own_ranks(corpus, tmp_path):
+    # Lightning starts rank 1 from the command line: each job's own, not the whole sweep's
+    # (whose -m, last here, made argparse refuse what Lightning adds after it).
+    sweep_dir = tmp_path / "sweep"
+    result = run_script(
+        *tiny_overrides(corpus, sweep_dir),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=2",
+        "module.learning_rate=1e-3,2e-3",
+        "+callbacks.record._target_=test_train.RecordFirstBatch",
+        f"hydra.sweep.dir={sweep_dir}",
+        "-m",
+        env={"PYTHONPATH": str(ROOT / "tests")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job_dir in (sweep_dir / "0", sweep_dir / "1"):
+        assert (job_dir / "train_ddp_process_1.log").is_file()  # rank 1 ran in the job's folder
+        rank0, rank1 = (torch.load(job_dir / f"rank{r}.pt") for r in (0, 1))
+        assert not torch.equal(rank0, rank1)
+        assert (job_dir / "checkpoints" / "last.ckpt").is_file()
+
+
 # --- configs --------------------------------------------------------------------------------
 
 
