@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
 import warnings
@@ -71,6 +72,9 @@ def quiet_lightning() -> None:
     # A run resumed mid-epoch resumes its dataloader too: the datamodule starts the loader at
     # the restored step (llm.data.TokenDataModule).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+    # val/loss is a mean over every rank's tokens already (a MeanMetric): Lightning's advice, in
+    # DDP, to log it with sync_dist=True would average equal numbers.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val/|hp_m)")
     # A deprecation inside Lightning, under newer torch.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lightning_noise_filter)
@@ -318,32 +322,55 @@ def discarded_if_refused() -> Iterator[None]:
         raise
 
 
-@contextmanager
-def launched_ranks_run_this_job() -> Iterator[None]:
-    """Let Lightning's DDP launcher start the other ranks of one ``--multirun`` job.
+def in_sweep() -> bool:
+    """Whether this process runs a ``--multirun`` job."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
-    The launcher starts each rank with this process's command line plus ``hydra.run.dir``.
-    In a sweep that command line is the whole sweep (and with ``-m`` before the overrides,
-    argparse refuses the launcher's additions), and ``hydra.run.dir`` is not the job's folder.
-    It also leaves its environment and process group to the next job, which would then wait
-    for ranks that have finished. So while the job runs, the command line is the job's own
-    overrides and the run folder the job's; after it, both are reset.
-    """
-    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
-        yield
-        return
-    hydra_config = HydraConfig.get()
-    command_line = sys.argv
-    options = get_args_parser().parse_args(command_line[1:])
+
+def job_command_line() -> list[str]:
+    """The command line that runs this sweep job alone: the script, the config options given
+    to the sweep (``--config-name`` and the like) and the job's own overrides."""
+    options = get_args_parser().parse_args(sys.argv[1:])  # Hydra's parser, as in hydra.main
     config_options = [
         f"--{name.replace('_', '-')}={value}"
         for name in ("config_path", "config_name", "config_dir")
         if (value := getattr(options, name)) is not None
     ]
+    return [sys.argv[0], *config_options, *HydraConfig.get().overrides.task]
+
+
+def resume_hint(checkpoint: Path) -> str:
+    """How to resume from ``checkpoint``, which a signal's stop saved. A sweep's job is resumed
+    on its own: its overrides, its folder and the checkpoint."""
+    if not in_sweep():
+        return f"Resume with ckpt_path={checkpoint}"
+    job = [argument for argument in job_command_line() if not argument.startswith("ckpt_path=")]
+    folder = HydraConfig.get().runtime.output_dir
+    return "Resume this job with: python " + shlex.join(
+        [*job, f"hydra.run.dir={folder}", f"ckpt_path={checkpoint}"]
+    )
+
+
+@contextmanager
+def launched_ranks_run_this_job() -> Iterator[None]:
+    """Let Lightning's DDP launcher start the other ranks of one ``--multirun`` job.
+
+    The launcher starts each rank with this process's command line plus ``hydra.run.dir``.
+    In a sweep that command line is the whole sweep (and with ``-m`` after the overrides,
+    argparse refuses the launcher's additions), and ``hydra.run.dir`` is not the job's folder.
+    It also leaves its environment and process group to the next job, which would then wait
+    for ranks that have finished. So while the job runs, the command line is the job's own
+    overrides and the run folder the job's; after it, both are reset.
+    """
+    if not in_sweep():
+        yield
+        return
+    hydra_config = HydraConfig.get()
+    command_line = sys.argv
     environment = {key: os.environ.get(key) for key in LAUNCHER_ENVIRONMENT}
     with read_write(hydra_config):
         hydra_config.run.dir = hydra_config.runtime.output_dir
-    sys.argv = [command_line[0], *config_options, *hydra_config.overrides.task]
+    sys.argv = job_command_line()
     try:
         yield
         if environment["LOCAL_RANK"] is None and torch.distributed.is_initialized():

@@ -6,10 +6,11 @@ Configs live in configs/ (train.yaml and its groups); see the README for recipes
 import sys
 
 import hydra
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from llm.errors import one_line_errors, run_hydra_main
-from llm.run import EXIT_CODES, register_model_presets, train
+from llm.run import EXIT_CODES, register_model_presets, resume_hint, train
 
 register_model_presets()
 
@@ -19,9 +20,9 @@ def main(cfg: DictConfig) -> None:
     with one_line_errors():
         stopped = train(cfg)
     if stopped is not None and stopped.checkpoint_path is not None:  # a signal stopped training
-        print(
+        rank_zero_only(print)(
             f"Stopped by {stopped.signal_name}; saved {stopped.checkpoint_path}. "
-            f"Resume with ckpt_path={stopped.checkpoint_path}",
+            f"{resume_hint(stopped.checkpoint_path)}",
             file=sys.stderr,
         )
         sys.exit(EXIT_CODES.get(stopped.signal_name, 1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,10 +23,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator, ScalarEvent
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.distributed.fsdp import FullyShardedDataParallel
@@ -49,6 +51,7 @@ from llm.run import (
     discarded_if_refused,
     register_model_presets,
     resolve_precision,
+    resume_hint,
     train,
     validate,
 )
@@ -410,6 +413,25 @@ def test_a_signal_at_the_last_step_lets_the_run_end_as_usual(corpus, tmp_path):
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 6
     assert validated_steps(tmp_path / "run") == [2, 5]
+
+
+def test_a_sweep_jobs_resume_hint_runs_that_job_alone(corpus, tmp_path, monkeypatch):
+    job_dir = tmp_path / "sweep" / "1"
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # after the test, the one before
+    compose_run(tiny_overrides(corpus, job_dir, "module.learning_rate=0.002"), job_dir)
+    with read_write(HydraConfig.get()):
+        HydraConfig.get().mode = RunMode.MULTIRUN
+    # The sweep's command line gives the config options; the job's overrides come from Hydra.
+    sweep = ["--config-name=train", "-m", "module.learning_rate=1e-3,2e-3"]
+    monkeypatch.setattr(sys, "argv", ["scripts/train.py", *sweep])
+    checkpoint = job_dir / "checkpoints" / "last.ckpt"
+    hint = resume_hint(checkpoint)
+    prefix = "Resume this job with: python scripts/train.py --config-name=train "
+    assert hint.startswith(prefix)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        job = compose("train", overrides=shlex.split(hint[len(prefix) :]), return_hydra_config=True)
+    assert job.module.learning_rate == 0.002  # the job's value, not the sweep's
+    assert (job.hydra.run.dir, job.ckpt_path) == (str(job_dir), str(checkpoint))
 
 
 def raise_in(owner: type, method: str, error: BaseException, monkeypatch) -> None:
