@@ -50,7 +50,14 @@ log = logging.getLogger(__name__)
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 RESUMABLE = "a last.ckpt or best.ckpt written by scripts/train.py"
 # What Lightning's DDP launcher sets in its own process's environment for the ranks it starts.
-LAUNCHER_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+LAUNCHER_ENVIRONMENT = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "OMP_NUM_THREADS",
+)
 
 # Lines Lightning logs that say nothing about the run: an advertisement, its notice that it
 # adds no model summary of its own beside llm's, and a "graceful shutdown" on a Ctrl-C that
@@ -72,9 +79,12 @@ def quiet_lightning() -> None:
     # A run resumed mid-epoch resumes its dataloader too: the datamodule starts the loader at
     # the restored step (llm.data.TokenDataModule).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
-    # val/loss is a mean over every rank's tokens already (a MeanMetric): Lightning's advice, in
-    # DDP, to log it with sync_dist=True would average equal numbers.
-    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val/|hp_m)")
+    # Lightning's advice, in DDP, to log the validation metrics with sync_dist=True: they come
+    # from val_loss, a mean over every rank's tokens already (a MeanMetric), and would average
+    # equal numbers. A new val/ metric that is not must be synced itself.
+    warnings.filterwarnings(
+        "ignore", message=r"It is recommended to use `self.log\('(val/|hp_metric)"
+    )
     # A deprecation inside Lightning, under newer torch.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lightning_noise_filter)
@@ -211,10 +221,11 @@ def check_no_earlier_run(cfg: DictConfig, sweep: bool = False) -> None:
         return
     last = next((path for path in found if path.name == "last.ckpt"), found[0])
     names = ", ".join(str(path.relative_to(folder)) for path in found[:4])
+    job_dir = folder / last.relative_to(folder).parts[0]
     resume = (
-        f"a job with hydra.run.dir={folder / last.relative_to(folder).parts[0]} ckpt_path={last}"
+        f"a job with hydra.run.dir={hydra_value(str(job_dir))} ckpt_path={hydra_value(str(last))}"
         if sweep
-        else f"it with ckpt_path={last}"
+        else f"it with ckpt_path={hydra_value(str(last))}"
     )
     raise ValueError(
         f"{folder} holds an earlier run's checkpoints ({names}{', ...' if len(found) > 4 else ''})"
@@ -327,56 +338,85 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def hydra_value(value: str) -> str:
+    """``value`` as Hydra reads it back: quoted where a comma or the like would split it."""
+    if re.fullmatch(r"[\w./:-]*", value):
+        return value
+    return "'" + value.replace("'", "\\'") + "'"
+
+
 def job_command_line() -> list[str]:
     """The command line that runs this sweep job alone: the script, the config options given
-    to the sweep (``--config-name`` and the like) and the job's own overrides."""
+    to the sweep (``--config-name`` and the like), Hydra's own overrides but the sweep's, and
+    the job's overrides."""
     options = get_args_parser().parse_args(sys.argv[1:])  # Hydra's parser, as in hydra.main
     config_options = [
         f"--{name.replace('_', '-')}={value}"
         for name in ("config_path", "config_name", "config_dir")
         if (value := getattr(options, name)) is not None
     ]
-    return [sys.argv[0], *config_options, *HydraConfig.get().overrides.task]
+    hydra_config = HydraConfig.get()
+    sweep_only = re.compile(r"[+~]*hydra(\.|/)(sweep|sweeper|launcher|mode)\b")
+    hydra_overrides = [o for o in hydra_config.overrides.hydra if not sweep_only.match(o)]
+    job = [*hydra_overrides, "hydra.mode=RUN", *hydra_config.overrides.task]
+    return [sys.argv[0], *config_options, *job]
 
 
 def resume_hint(checkpoint: Path) -> str:
     """How to resume from ``checkpoint``, which a signal's stop saved. A sweep's job is resumed
     on its own: its overrides, its folder and the checkpoint."""
     if not in_sweep():
-        return f"Resume with ckpt_path={checkpoint}"
-    job = [argument for argument in job_command_line() if not argument.startswith("ckpt_path=")]
+        return f"Resume with ckpt_path={hydra_value(str(checkpoint))}"
+    job = [o for o in job_command_line() if not re.match(r"\+*ckpt_path=", o)]
     folder = HydraConfig.get().runtime.output_dir
     return "Resume this job with: python " + shlex.join(
-        [*job, f"hydra.run.dir={folder}", f"ckpt_path={checkpoint}"]
+        [*job, f"hydra.run.dir={hydra_value(folder)}", f"ckpt_path={hydra_value(str(checkpoint))}"]
     )
 
 
 @contextmanager
-def launched_ranks_run_this_job() -> Iterator[None]:
-    """Let Lightning's DDP launcher start the other ranks of one ``--multirun`` job.
+def sweep_job_launches_its_own_ranks() -> Iterator[None]:
+    """Let Lightning's DDP launcher start the other ranks of one ``--multirun`` job, and the
+    next job start its own.
 
-    The launcher starts each rank with this process's command line plus ``hydra.run.dir``.
-    In a sweep that command line is the whole sweep (and with ``-m`` after the overrides,
-    argparse refuses the launcher's additions), and ``hydra.run.dir`` is not the job's folder.
-    It also leaves its environment and process group to the next job, which would then wait
-    for ranks that have finished. So while the job runs, the command line is the job's own
-    overrides and the run folder the job's; after it, both are reset.
+    The launcher (Lightning's ``_hydra_subprocess_cmd``) starts each rank with this process's
+    command line plus ``hydra.run.dir`` read from Hydra's config. In a sweep that command line
+    is the whole sweep (with ``-m`` after the overrides, argparse even refuses the launcher's
+    additions), and ``hydra.run.dir`` is not the job's folder; so while the job runs, they are
+    the job's own. The launcher also leaves its environment, thread count and process group
+    behind, and the next job would take them as its own and wait for ranks that have finished;
+    so after the job they are undone. An error must end the sweep: Hydra would go on to the
+    next job while this one's ranks still wait for this process.
     """
     if not in_sweep():
         yield
         return
     hydra_config = HydraConfig.get()
-    command_line = sys.argv
+    command_line, threads = sys.argv, torch.get_num_threads()
     environment = {key: os.environ.get(key) for key in LAUNCHER_ENVIRONMENT}
-    with read_write(hydra_config):
+    with read_write(hydra_config):  # Hydra sets each job's config afresh
         hydra_config.run.dir = hydra_config.runtime.output_dir
     sys.argv = job_command_line()
+
+    def launched_ranks() -> bool:  # not when torchrun or SLURM started them
+        return environment["LOCAL_RANK"] is None and "LOCAL_RANK" in os.environ
+
     try:
         yield
-        if environment["LOCAL_RANK"] is None and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # this process launched the ranks
+        if launched_ranks():
+            torch.distributed.destroy_process_group()
+    except Exception:
+        if not launched_ranks():
+            raise
+        try:
+            with one_line_errors():  # an expected error: in one line, and exit code 1
+                raise
+        except Exception:  # a bug: its traceback, and exit code 1
+            log.exception("the job failed, so the sweep stops here")
+            raise SystemExit(1) from None
     finally:
         sys.argv = command_line
+        torch.set_num_threads(threads)
         for key, value in environment.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -393,7 +433,7 @@ def train(cfg: DictConfig) -> GracefulStop | None:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
     try:
-        with launched_ranks_run_this_job():
+        with sweep_job_launches_its_own_ranks():
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     except SIGTERMException:  # Lightning's: a SIGTERM GracefulStop did not take (or a second)
         if stop is None or stop.checkpoint_path is None:

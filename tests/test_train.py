@@ -171,13 +171,24 @@ class PoisonAtStep(L.Callback):
 
 
 class RecordFirstBatch(L.Callback):
-    """Saves each rank's first training batch next to the checkpoints."""
+    """Saves each rank's first training batch and learning rate next to the checkpoints."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0:
-            torch.save(
-                batch[0].cpu(), Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt"
-            )
+            record = {"batch": batch[0].cpu(), "learning_rate": pl_module.learning_rate}
+            torch.save(record, Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt")
+
+
+class FailOnRankZero(L.Callback):
+    """Raises an unexpected error on rank 0 after the first step of a run with a given
+    learning rate, as a bug would."""
+
+    def __init__(self, learning_rate: float) -> None:
+        self.learning_rate = learning_rate
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_rank == 0 and pl_module.learning_rate == self.learning_rate:
+            raise RuntimeError("a bug")
 
 
 # --- the real entry point -------------------------------------------------------------------
@@ -418,20 +429,24 @@ def test_a_signal_at_the_last_step_lets_the_run_end_as_usual(corpus, tmp_path):
 def test_a_sweep_jobs_resume_hint_runs_that_job_alone(corpus, tmp_path, monkeypatch):
     job_dir = tmp_path / "sweep" / "1"
     monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # after the test, the one before
-    compose_run(tiny_overrides(corpus, job_dir, "module.learning_rate=0.002"), job_dir)
+    job_overrides = ["module.learning_rate=0.002", "hydra.job.chdir=true", "hydra.sweep.dir=x"]
+    compose_run(tiny_overrides(corpus, job_dir, *job_overrides), job_dir)
     with read_write(HydraConfig.get()):
         HydraConfig.get().mode = RunMode.MULTIRUN
     # The sweep's command line gives the config options; the job's overrides come from Hydra.
     sweep = ["--config-name=train", "-m", "module.learning_rate=1e-3,2e-3"]
     monkeypatch.setattr(sys, "argv", ["scripts/train.py", *sweep])
-    checkpoint = job_dir / "checkpoints" / "last.ckpt"
+    checkpoint = job_dir / "it's, quoted" / "last.ckpt"  # unquoted, Hydra would read a list
     hint = resume_hint(checkpoint)
     prefix = "Resume this job with: python scripts/train.py --config-name=train "
     assert hint.startswith(prefix)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         job = compose("train", overrides=shlex.split(hint[len(prefix) :]), return_hydra_config=True)
     assert job.module.learning_rate == 0.002  # the job's value, not the sweep's
-    assert (job.hydra.run.dir, job.ckpt_path) == (str(job_dir), str(checkpoint))
+    assert job.hydra.job.chdir  # Hydra's own settings too, but the sweep's
+    assert "hydra.sweep.dir" not in hint
+    assert (job.hydra.mode, job.hydra.run.dir) == (RunMode.RUN, str(job_dir))
+    assert job.ckpt_path == str(checkpoint)
 
 
 def raise_in(owner: type, method: str, error: BaseException, monkeypatch) -> None:
@@ -630,15 +645,16 @@ def test_ddp_on_cpu_ranks_see_different_batches(corpus, tmp_path):
         env={"PYTHONPATH": str(ROOT / "tests")},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(run_dir / f"rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = (torch.load(run_dir / f"rank{r}.pt")["batch"] for r in (0, 1))
     assert rank0.shape == rank1.shape and not torch.equal(rank0, rank1)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
 @pytest.mark.slow
-def test_ddp_sweep_starts_each_jobs_own_ranks(corpus, tmp_path):
+def test_ddp_sweep_starts_each_jobs_own_ranks_and_stops_at_an_error(corpus, tmp_path):
     # Lightning starts rank 1 from the command line: each job's own, not the whole sweep's
-    # (whose -m, last here, made argparse refuse what Lightning adds after it).
+    # (whose -m, last here, made argparse refuse what Lightning adds after it). An error must
+    # end the sweep: the next job would wait for the failed job's ranks.
     sweep_dir = tmp_path / "sweep"
     result = run_script(
         *tiny_overrides(corpus, sweep_dir),
@@ -646,18 +662,23 @@ def test_ddp_sweep_starts_each_jobs_own_ranks(corpus, tmp_path):
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.max_steps=2",
-        "module.learning_rate=1e-3,2e-3",
+        "module.learning_rate=0.001,0.002,0.003",
         "+callbacks.record._target_=test_train.RecordFirstBatch",
+        "+callbacks.fail._target_=test_train.FailOnRankZero",
+        "+callbacks.fail.learning_rate=0.002",
         f"hydra.sweep.dir={sweep_dir}",
         "-m",
         env={"PYTHONPATH": str(ROOT / "tests")},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    for job_dir in (sweep_dir / "0", sweep_dir / "1"):
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "the sweep stops here" in result.stdout and "RuntimeError: a bug" in result.stdout
+    for job_dir, learning_rate in ((sweep_dir / "0", 0.001), (sweep_dir / "1", 0.002)):
         assert (job_dir / "train_ddp_process_1.log").is_file()  # rank 1 ran in the job's folder
         rank0, rank1 = (torch.load(job_dir / f"rank{r}.pt") for r in (0, 1))
-        assert not torch.equal(rank0, rank1)
-        assert (job_dir / "checkpoints" / "last.ckpt").is_file()
+        assert rank0["learning_rate"] == rank1["learning_rate"] == learning_rate
+        assert not torch.equal(rank0["batch"], rank1["batch"])
+    assert (sweep_dir / "0" / "checkpoints" / "last.ckpt").is_file()
+    assert not (sweep_dir / "2").exists()
 
 
 # --- configs --------------------------------------------------------------------------------
