@@ -631,18 +631,26 @@ def test_fsdp_shards_keep_weight_decay_and_inspection(corpus, tmp_path):
     assert result["whole"]["blocks.0.attn.qkv.weight"] == (24, 8)
 
 
+def run_ddp_on_cpu(*overrides: str, sweep: bool = False) -> subprocess.CompletedProcess:
+    """``scripts/train.py`` with DDP over two CPU processes (gloo), each saving its first batch
+    and learning rate (``RecordFirstBatch``, imported from tests/ by every rank). A sweep's
+    ``-m`` comes last, where argparse once refused what Lightning adds after it."""
+    return run_script(
+        "+callbacks.record._target_=test_train.RecordFirstBatch",  # before any the caller adds
+        *overrides,
+        "trainer=ddp",  # after the tiny run's trainer=cpu
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        *(["-m"] if sweep else []),
+        env={"PYTHONPATH": str(ROOT / "tests")},
+    )
+
+
 @pytest.mark.slow
 def test_ddp_on_cpu_ranks_see_different_batches(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_script(
-        *tiny_overrides(corpus, run_dir),
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.max_steps=3",
-        "+callbacks.record._target_=test_train.RecordFirstBatch",
-        f"hydra.run.dir={run_dir}",
-        env={"PYTHONPATH": str(ROOT / "tests")},
+    result = run_ddp_on_cpu(
+        *tiny_overrides(corpus, run_dir), "trainer.max_steps=3", f"hydra.run.dir={run_dir}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(run_dir / f"rank{r}.pt")["batch"] for r in (0, 1))
@@ -652,23 +660,17 @@ def test_ddp_on_cpu_ranks_see_different_batches(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_sweep_starts_each_jobs_own_ranks_and_stops_at_an_error(corpus, tmp_path):
-    # Lightning starts rank 1 from the command line: each job's own, not the whole sweep's
-    # (whose -m, last here, made argparse refuse what Lightning adds after it). An error must
-    # end the sweep: the next job would wait for the failed job's ranks.
+    # Lightning starts rank 1 from the command line: each job's own, not the whole sweep's. An
+    # error must end the sweep: the next job would wait for the failed job's ranks.
     sweep_dir = tmp_path / "sweep"
-    result = run_script(
+    result = run_ddp_on_cpu(
         *tiny_overrides(corpus, sweep_dir),
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
         "trainer.max_steps=2",
         "module.learning_rate=0.001,0.002,0.003",
-        "+callbacks.record._target_=test_train.RecordFirstBatch",
         "+callbacks.fail._target_=test_train.FailOnRankZero",
         "+callbacks.fail.learning_rate=0.002",
         f"hydra.sweep.dir={sweep_dir}",
-        "-m",
-        env={"PYTHONPATH": str(ROOT / "tests")},
+        sweep=True,
     )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "the sweep stops here" in result.stdout and "RuntimeError: a bug" in result.stdout
