@@ -237,8 +237,9 @@ def whole_model_on_rank_zero(wrapped: torch.nn.Module, model: GPT) -> GPT | None
 
 class GracefulStop(L.Callback):
     """On SIGINT (Ctrl-C) or SIGTERM, finish the current optimizer step, save ``last.ckpt`` and
-    stop training, without validating first. A second signal acts at once, as it would without
-    this callback.
+    stop training, without validating first. A second Ctrl-C acts at once, as it would without
+    this callback. A second SIGTERM does not: ``timeout`` and schedulers can send more than one
+    at once, and after their grace period they stop a process with SIGKILL anyway.
 
     Stopping between steps keeps the checkpoint consistent; ``signal_name`` tells the caller
     why training ended and ``checkpoint_path`` where it was saved.
@@ -254,7 +255,9 @@ class GracefulStop(L.Callback):
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
-        signal.signal(signum, self._previous_handlers.pop(signum))
+        # A signal can land while this handler runs: pop() only once.
+        if signum == signal.SIGINT and signum in self._previous_handlers:
+            signal.signal(signum, self._previous_handlers.pop(signum))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):

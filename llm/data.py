@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import signal
 import urllib.error
 import urllib.request
 from collections import deque
@@ -666,4 +667,14 @@ class TokenDataModule(L.LightningDataModule):
             # one, validation loaders would shift dropout's random stream and a resumed run
             # would no longer repeat an uninterrupted one. Windows never depend on it.
             generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=leave_stop_signals_to_the_main_process,
         )
+
+
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """Makes a DataLoader worker ignore SIGINT and SIGTERM. Ctrl-C, ``timeout`` and schedulers
+    signal the whole process group; a worker they killed would make the main process raise at
+    once, before it saves the checkpoint the signal asks for. The loader still shuts its workers
+    down, and a worker whose main process died exits by itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

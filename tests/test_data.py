@@ -12,6 +12,7 @@ import http.server
 import logging
 import os
 import runpy
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -435,6 +436,34 @@ def test_datamodule_prepares_on_demand_and_batches(tmp_path: Path, text_file: Pa
     loader = iter(module.train_dataloader())
     next(loader)
     assert torch.equal(resumed, next(loader)[0])
+
+
+def test_loader_workers_outlive_the_signals_of_a_process_group(
+    tmp_path: Path, text_file: Path
+) -> None:
+    # Ctrl-C and `timeout` signal every process of the group: the workers too. A worker killed
+    # by one would make the main process raise before it saves its checkpoint.
+    module = TokenDataModule(
+        source=str(text_file),
+        data_dir=str(tmp_path / "data"),
+        tokenizer_name="bytes",
+        context_length=16,
+        batch_size=4,
+        num_workers=1,
+    )
+    module.prepare_data()
+    module.setup("fit")
+    batches = iter(module.train_dataloader())
+    next(batches)
+    (worker,) = batches._workers  # the DataLoader's worker processes
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        os.kill(worker.pid, signum)
+    worker.join(timeout=1)
+    assert worker.is_alive()
+    x, _ = next(batches)
+    assert x.shape == (4, 16)
+    batches._shutdown_workers()
+    assert not worker.is_alive()
 
 
 def test_datamodule_under_a_lightning_trainer(tmp_path: Path, text_file: Path) -> None:

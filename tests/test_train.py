@@ -148,14 +148,16 @@ def final_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 class SignalAtStep(L.Callback):
-    """Sends this process a signal at the end of a given step, like a Ctrl-C or a scheduler."""
+    """Sends this process a signal (``times`` times) at the end of a given step, like a Ctrl-C
+    or a scheduler."""
 
-    def __init__(self, step: int, signum: int = signal.SIGINT) -> None:
-        self.step, self.signum = step, signum
+    def __init__(self, step: int, signum: int = signal.SIGINT, times: int = 1) -> None:
+        self.step, self.signum, self.times = step, signum, times
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            signal.raise_signal(self.signum)
+            for _ in range(self.times):
+                signal.raise_signal(self.signum)
 
 
 class PoisonAtStep(L.Callback):
@@ -374,12 +376,15 @@ def test_validation_counts_optimizer_steps_and_ends_every_run(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def train_with_signal(corpus: Path, run_dir: Path, signum: int, step: int, *extra: str):
-    """A tiny run that sends itself ``signum`` at the end of ``step``."""
+def train_with_signal(
+    corpus: Path, run_dir: Path, signum: int, step: int, *extra: str, times: int = 1
+):
+    """A tiny run that sends itself ``signum`` (``times`` times) at the end of ``step``."""
     cfg = compose_run(tiny_overrides(corpus, run_dir, *extra), run_dir)
     with open_dict(cfg):
         cfg.callbacks.signal = {"_target_": f"{__name__}.SignalAtStep", "step": step}
         cfg.callbacks.signal.signum = signum
+        cfg.callbacks.signal.times = times
     return train(cfg)
 
 
@@ -416,6 +421,14 @@ def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, sign
         assert whole_loss.value == resumed_loss.value, tag
     # Between them, the two runs validated where the uninterrupted one did, and only there.
     assert validated_steps(first_dir) + validated_steps(second_dir) == validated_steps(whole_dir)
+
+
+def test_sigterm_sent_twice_still_saves_before_stopping(corpus, tmp_path):
+    # `timeout` signals the process and then its group: one process can get two at once.
+    stopped = train_with_signal(corpus, tmp_path / "run", signal.SIGTERM, 1, times=2)
+    assert stopped.signal_name == "SIGTERM"
+    assert stopped.checkpoint_path == tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(stopped.checkpoint_path, weights_only=True)["global_step"] == 2
 
 
 def test_a_signal_at_the_last_step_lets_the_run_end_as_usual(corpus, tmp_path):
