@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.trainer.connectors import data_connector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator, ScalarEvent
@@ -49,6 +51,7 @@ from llm.run import (
     build,
     check_no_earlier_run,
     discarded_if_refused,
+    quiet_lightning,
     register_model_presets,
     resolve_precision,
     resume_hint,
@@ -694,6 +697,20 @@ def test_ddp_sweep_starts_each_jobs_own_ranks_and_stops_at_an_error(corpus, tmp_
         assert not torch.equal(rank0["batch"], rank1["batch"])
     assert (sweep_dir / "0" / "checkpoints" / "last.ckpt").is_file()
     assert not (sweep_dir / "2").exists()
+
+
+def test_lightnings_advice_to_add_loader_workers_is_not_printed(monkeypatch):
+    # Lightning gives it on machines with more than two cores; this one may have two.
+    monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda num_devices: 15)
+    trainer, loader = SimpleNamespace(num_devices=1), torch.utils.data.DataLoader([])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data_connector._worker_check(trainer, loader, "train_dataloader")
+        assert "does not have many workers" in str(caught[-1].message)  # the advice, unfiltered
+        caught.clear()
+        quiet_lightning()
+        data_connector._worker_check(trainer, loader, "train_dataloader")
+    assert caught == []
 
 
 # --- configs --------------------------------------------------------------------------------
