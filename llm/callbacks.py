@@ -255,7 +255,8 @@ class GracefulStop(L.Callback):
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
-        # A signal can land while this handler runs: pop() only once.
+        # Only Ctrl-C gets its earlier handler back, for a second one to act at once. Checked,
+        # not assumed: another signal can land while this handler runs.
         if signum == signal.SIGINT and signum in self._previous_handlers:
             signal.signal(signum, self._previous_handlers.pop(signum))
 

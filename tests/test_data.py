@@ -17,6 +17,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -413,15 +414,20 @@ def test_val_windows_cover_the_val_split(prepared: Path) -> None:
 # --- DataModule and CLI ----------------------------------------------------------------------
 
 
-def test_datamodule_prepares_on_demand_and_batches(tmp_path: Path, text_file: Path) -> None:
-    module = TokenDataModule(
+def bytes_datamodule(tmp_path: Path, text_file: Path, **options: Any) -> TokenDataModule:
+    """A datamodule over ``text_file`` with the bytes tokenizer: windows of 16, batches of 4."""
+    return TokenDataModule(
         source=str(text_file),
         data_dir=str(tmp_path / "data"),
         tokenizer_name="bytes",
         context_length=16,
         batch_size=4,
-        seed=3,
+        **options,
     )
+
+
+def test_datamodule_prepares_on_demand_and_batches(tmp_path: Path, text_file: Path) -> None:
+    module = bytes_datamodule(tmp_path, text_file, seed=3)
     assert module.vocab_size == 257
     module.prepare_data()
     module.setup("fit")
@@ -443,14 +449,7 @@ def test_loader_workers_outlive_the_signals_of_a_process_group(
 ) -> None:
     # Ctrl-C and `timeout` signal every process of the group: the workers too. A worker killed
     # by one would make the main process raise before it saves its checkpoint.
-    module = TokenDataModule(
-        source=str(text_file),
-        data_dir=str(tmp_path / "data"),
-        tokenizer_name="bytes",
-        context_length=16,
-        batch_size=4,
-        num_workers=1,
-    )
+    module = bytes_datamodule(tmp_path, text_file, num_workers=1)
     module.prepare_data()
     module.setup("fit")
     batches = iter(module.train_dataloader())
@@ -467,13 +466,7 @@ def test_loader_workers_outlive_the_signals_of_a_process_group(
 
 
 def test_datamodule_under_a_lightning_trainer(tmp_path: Path, text_file: Path) -> None:
-    module = TokenDataModule(
-        source=str(text_file),
-        data_dir=str(tmp_path / "data"),
-        tokenizer_name="bytes",
-        context_length=16,
-        batch_size=4,
-    )
+    module = bytes_datamodule(tmp_path, text_file)
 
     class Bigram(L.LightningModule):
         def __init__(self, vocab_size: int) -> None:
