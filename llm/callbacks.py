@@ -219,8 +219,8 @@ def whole_model_on_rank_zero(wrapped: torch.nn.Module, model: GPT) -> GPT | None
     other ranks. ``wrapped`` is what the strategy made of the module that holds ``model``.
 
     Under FSDP each rank holds a shard of the weights, and every rank must call this: they
-    gather the whole weights on rank 0, which gets a plain copy. FSDP's own units cannot run
-    there, since each of their calls outside training would wait for the other ranks."""
+    gather the whole weights on rank 0, which gets a plain copy in eval mode. FSDP's own units
+    cannot run there, since each of their calls outside training would wait for the others."""
     rank_zero = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     if not FullyShardedDataParallel.fsdp_modules(wrapped):
         return model if rank_zero else None
@@ -232,7 +232,8 @@ def whole_model_on_rank_zero(wrapped: torch.nn.Module, model: GPT) -> GPT | None
             for name, param in model.named_parameters()
         }
     device = next(iter(weights.values())).device
-    return model_from_weights(model.config, weights, "the gathered FSDP weights").to(device)
+    copy = model_from_weights(model.config, weights, "the gathered FSDP weights").to(device)
+    return copy.eval()  # no dropout: as the model is in validation
 
 
 class GracefulStop(L.Callback):

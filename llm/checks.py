@@ -21,10 +21,12 @@ BOOLEAN = (bool,)
 
 
 def positive(value: Any) -> bool:
+    """A test for ``check_values``: above zero."""
     return value > 0
 
 
 def non_negative(value: Any) -> bool:
+    """A test for ``check_values``: zero or above."""
     return value >= 0
 
 

@@ -562,18 +562,33 @@ class ValWindows(_TokenWindows):
 
     Window ``j`` starts at token ``j * context_length``, so its targets continue exactly where
     the previous window's stopped and every token but the first is predicted once.
+
+    Distributed, each of ``world_size`` ranks takes every ``world_size``-th window from window
+    ``rank``, and every rank as many: under FSDP each step is a collective that all ranks must
+    take. So up to ``world_size - 1`` windows at the end go unused.
     """
 
-    def __init__(self, dataset_dir: str | Path, context_length: int) -> None:
+    def __init__(
+        self, dataset_dir: str | Path, context_length: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         super().__init__(dataset_dir, "val", context_length)
+        self.rank, self.world_size = rank, world_size
+        windows = (self.num_tokens - 1) // context_length
+        if windows < world_size:
+            raise DataError(
+                f"the val split of {dataset_dir} has {windows} windows of context_length "
+                f"{context_length} tokens, fewer than the {world_size} ranks that share them: use "
+                "a larger data.val_fraction or corpus, or a smaller context_length"
+            )
+        self.windows_per_rank = windows // world_size
 
     def __len__(self) -> int:
-        return (self.num_tokens - 1) // self.context_length
+        return self.windows_per_rank
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(f"window {index} out of range")
-        return self.window(index * self.context_length)
+        return self.window((self.rank + index * self.world_size) * self.context_length)
 
 
 # --- Lightning -------------------------------------------------------------------------------
@@ -621,14 +636,17 @@ class TokenDataModule(L.LightningDataModule):
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
+        """The tokenizer the text is encoded with (loaded once, on first use)."""
         return load_tokenizer(self.tokenizer_name, self.tokenizer_path)
 
     @property
     def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size: the model's ``vocab_size``."""
         return self.tokenizer.vocab_size
 
     @property
     def dataset_dir(self) -> Path:
+        """The folder of the source's prepared token files, under ``data_dir``."""
         return Path(self.data_dir) / dataset_name(self.source)
 
     def prepare_data(self) -> None:
@@ -636,9 +654,10 @@ class TokenDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         check_tokenizer(read_meta(self.dataset_dir), self.tokenizer, self.dataset_dir)
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         self.train_set = TrainWindows(self.dataset_dir, self.context_length, self.seed, rank)
-        self.val_set = ValWindows(self.dataset_dir, self.context_length)
+        self.val_set = ValWindows(self.dataset_dir, self.context_length, rank, world_size)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is not None:

@@ -83,6 +83,7 @@ def out_of_memory(error: RuntimeError) -> bool:
 
 
 def out_of_memory_message(error: RuntimeError) -> str:
+    """The one line for a device that ran out of memory, with what to try."""
     return f"out of memory ({first_line(error)}); try a smaller batch, context or model"
 
 
@@ -96,6 +97,7 @@ def stdout_is_closed() -> bool:
 
 
 def sentence(text: str) -> str:
+    """``text`` stripped and ending in a full stop, unless it ends in other punctuation."""
     text = text.strip()
     return text if text.endswith((".", "?", "!", ":")) else f"{text}."
 

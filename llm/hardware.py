@@ -42,22 +42,31 @@ def has_fast_bf16(device_type: str) -> bool:
 
 
 # Dense peak FLOP/s for chips that Lightning's table (get_available_flops) misses or lists with
-# 2:4 sparsity: its H200 entries are the datasheet's sparse figures, and the SXM part, which
-# names itself plainly "NVIDIA H200", matches none of them. The SXM part computes at the
-# H100 SXM's rates; the NVL part at 1671 / 2 TFLOP/s in bf16. Matched in this order.
-_DENSE_PEAK_FLOPS: dict[str, dict[torch.dtype, float]] = {
-    "h200 nvl": {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, torch.float32: 60e12},
-    "h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 66.9e12},
+# 2:4 sparsity: its H200 and H100 NVL entries are the datasheets' sparse figures, and the H200
+# SXM part, which names itself plainly "NVIDIA H200", matches none of them. The SXM part computes
+# at the H100 SXM's rates; the NVL parts at half their datasheets' sparse rates. "tfloat32" is
+# fp32 run on tensor cores, as under torch.set_float32_matmul_precision("high"). Matched in this
+# order.
+def _dense_peaks(bf16: float, tf32: float, fp32: float) -> dict[torch.dtype | str, float]:
+    return {torch.bfloat16: bf16, torch.float16: bf16, "tfloat32": tf32, torch.float32: fp32}
+
+
+_DENSE_PEAK_FLOPS = {
+    "h100 nvl": _dense_peaks(bf16=835.5e12, tf32=417.5e12, fp32=60e12),
+    "h200 nvl": _dense_peaks(bf16=835.5e12, tf32=417.5e12, fp32=60e12),
+    "h200": _dense_peaks(bf16=989.4e12, tf32=494.7e12, fp32=66.9e12),
 }
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The device's dense peak FLOP/s in ``dtype`` for MFU, or None where it is unknown (CPUs)."""
+    """The device's dense peak FLOP/s in ``dtype`` for MFU, or None where it is unknown (CPUs).
+    fp32 counts at the tensor cores' TF32 rate where torch's matmul precision allows TF32."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).lower()
         for chip, peaks in _DENSE_PEAK_FLOPS.items():
             if chip in name:
-                return peaks.get(dtype)
+                tf32 = dtype is torch.float32 and torch.get_float32_matmul_precision() != "highest"
+                return peaks.get("tfloat32" if tf32 else dtype)
     return get_available_flops(device, dtype)
 
 

@@ -119,10 +119,13 @@ class GPTConfig:
 
     @property
     def padded_vocab_size(self) -> int:
+        """Rows of the embedding and LM head: ``vocab_size`` rounded up to a multiple of 64,
+        which the matmul kernels handle faster; the extra rows are never used."""
         return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
     @property
     def head_size(self) -> int:
+        """Dimensions per attention head."""
         return self.n_embd // self.n_head
 
     @property
@@ -155,6 +158,7 @@ class GPTConfig:
         return replace(PRESETS[name], **overrides)
 
     def to_dict(self) -> dict[str, object]:
+        """The fields as plain values, as checkpoints store them."""
         return asdict(self)
 
 
@@ -382,13 +386,17 @@ class GPT(nn.Module):
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B:
         6·N for the weight matmuls plus 12·L·H·Q·T for attention over a full context, with N the
-        parameters other than position embeddings. A sliding-window layer attends to at most its
+        parameters that multiply: all but the tables looked up (position embeddings, and token
+        embeddings unless the LM head shares them). A sliding-window layer attends to at most its
         window, so its T is the window; grouped-query attention does not change the count (each
         query head still scores every key it sees)."""
         c = self.config
+        matmul_params = self.num_params(include_position_embeddings=False)
+        if not c.tie_embeddings:  # the LM head is counted on its own
+            matmul_params -= c.vocab_size * c.n_embd
         reach = sum(min(w or c.context_length, c.context_length) for w in c.layer_windows)
         attention = 12 * c.n_head * c.head_size * reach  # reach = L·T without windows
-        return 6 * self.num_params(include_position_embeddings=False) + attention
+        return 6 * matmul_params + attention
 
     def summary(self) -> str:
         """One line on the model, e.g. ``GPT: 4 layers, 4 heads, width 128, context 128,

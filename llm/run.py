@@ -80,7 +80,7 @@ def quiet_lightning() -> None:
     # the restored step (llm.data.TokenDataModule).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
     # Lightning's advice, in DDP, to log the validation metrics with sync_dist=True: they come
-    # from val_loss, a mean over every rank's tokens already (a MeanMetric), and would average
+    # from sums over every rank's tokens already (torchmetrics' SumMetric), and would average
     # equal numbers. A new val/ metric that is not must be synced itself.
     warnings.filterwarnings(
         "ignore", message=r"It is recommended to use `self.log\('(val/|hp_metric)"
@@ -274,7 +274,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     callbacks and logger. Nothing is prepared or trained yet."""
     validate(cfg)
     quiet_lightning()
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed)  # DataLoader workers: seeded by each loader's own generator
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for any fp32 work
 

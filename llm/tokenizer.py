@@ -58,10 +58,6 @@ class Tokenizer:
         """Token ids of ``text``."""
         return self.encoding.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
-        """Token ids of each text, encoded in parallel on ``num_threads`` threads."""
-        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
-
     def encode_array(self, text: str) -> np.ndarray:
         """Token ids of ``text`` as a uint32 numpy array, the same ids as ``encode``.
 

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics.aggregation import SumMetric
 
 from llm.model import GPT, GPTConfig, own_parameter_name
 
@@ -87,14 +87,18 @@ class GPTLightningModule(L.LightningModule):
         self.compile_model = compile_model
         self.compile_mode = compile_mode
         self.check_finite_every = check_finite_every
-        self.val_loss = MeanMetric()
+        # The validation loss is a mean over every token of every rank: its sum and the token
+        # count stay on the device until the end. No NaN check: torchmetrics' reads the device
+        # on every batch (and would drop a NaN loss that should show).
+        self.val_loss_sum = SumMetric(nan_strategy="disable")
+        self.val_tokens = SumMetric(nan_strategy="disable")
         # Decay weight matrices (linear and embedding weights) only: biases and LayerNorm gains
         # set offsets and scales, and pulling them towards zero only hurts. Decided here, on the
         # whole model: under FSDP the optimizer is made after sharding, when every parameter
         # is a flat 1-D shard.
         self.decayed_names = {name for name, p in self.model.named_parameters() if p.dim() >= 2}
         self.parameter_names = {name for name, _ in self.model.named_parameters()}
-        # Set once the batch shape is known; ThroughputMonitor reads it to compute MFU.
+        # Set once the batch shape is known; TokenThroughputMonitor reads it to compute MFU.
         self.flops_per_token = self.model.flops_per_token()
         self.flops_per_batch: int | None = None
         # Counts non-finite losses on the device; read on the host only every
@@ -142,11 +146,14 @@ class GPTLightningModule(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, targets = batch
         _, loss = self.model_forward(inputs, targets)
-        self.val_loss.update(loss, weight=inputs.numel())
+        tokens = inputs.numel()
+        self.val_loss_sum.update(loss * tokens)
+        self.val_tokens.update(torch.full_like(loss, tokens))  # not a copy from the host
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()  # averaged over every rank's tokens
-        self.val_loss.reset()
+        loss = self.val_loss_sum.compute() / self.val_tokens.compute()  # sums over every rank
+        self.val_loss_sum.reset()
+        self.val_tokens.reset()
         self.log_dict({"val/loss": loss, "val/perplexity": loss.exp()}, prog_bar=True)
         self.log("hp_metric", loss)  # the metric TensorBoard's HParams tab shows beside the config
 
@@ -165,8 +172,12 @@ class GPTLightningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite()  # a diverged model is never saved over a good checkpoint
-        # Dropout draws from torch's generator: restoring it makes a resumed run exact.
+        # Dropout draws from the generator of the device it runs on (torch's own on a CPU):
+        # restoring them makes a resumed run exact.
         checkpoint["torch_rng_state"] = torch.get_rng_state()
+        device = self.trainer.strategy.root_device
+        if device.type == "cuda":
+            checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state(device)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("model")
@@ -174,6 +185,10 @@ class GPTLightningModule(L.LightningModule):
             check_same_model(saved, self.hparams["model"])
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
+        if "cuda_rng_state" in checkpoint:
+            device = self.trainer.strategy.root_device  # the module may not be on it yet
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(checkpoint["cuda_rng_state"], device)
 
     def configure_gradient_clipping(
         self,

@@ -30,6 +30,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
 from llm.callbacks import TokenThroughputMonitor
@@ -177,6 +178,19 @@ class StepClock:
         return self.seconds / (self.steps - self.warmup)
 
 
+class DiscardingLogger(Logger):
+    """Takes every logged value as a real logger would, so that Lightning reads them from the
+    device on logging steps as in training, and keeps none."""
+
+    name, version = "discard", 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
 class ClockCallback(L.Callback):
     """``StepClock`` inside a Lightning Trainer (stopped before the Trainer's teardown)."""
 
@@ -221,7 +235,7 @@ def lightning_loop(
         precision="bf16-mixed" if bf16 else "32-true",
         max_steps=len(batches),
         gradient_clip_val=1.0,
-        logger=False,
+        logger=DiscardingLogger(),
         log_every_n_steps=10,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -411,6 +411,21 @@ def test_val_windows_cover_the_val_split(prepared: Path) -> None:
     assert torch.equal(xs, tokens[: len(xs)]) and torch.equal(ys, tokens[1 : len(ys) + 1])
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_validate_different_windows_as_many_each(prepared: Path, world_size: int) -> None:
+    whole = ValWindows(prepared, context_length=16)
+    ranks = [ValWindows(prepared, 16, rank, world_size) for rank in range(world_size)]
+    assert {len(r) for r in ranks} == {len(whole) // world_size}  # FSDP steps all ranks together
+    seen = [r[i][0] for i in range(len(ranks[0])) for r in ranks]  # window by window, in order
+    assert all(torch.equal(x, whole[j][0]) for j, x in enumerate(seen))
+
+
+def test_a_val_split_too_small_for_the_ranks_fails_clearly(prepared: Path) -> None:
+    windows = len(ValWindows(prepared, context_length=16))
+    with pytest.raises(DataError, match=f"has {windows} windows .* fewer than the {windows + 1} "):
+        ValWindows(prepared, 16, rank=0, world_size=windows + 1)
+
+
 # --- DataModule and CLI ----------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_checkpoint import write_training_checkpoint
 
 from llm.generate import (
     TextStream,
@@ -238,17 +239,6 @@ def test_streaming_prints_the_same_text_as_the_non_streaming_path():
 
 
 # --- The script -----------------------------------------------------------------------------
-
-
-def write_training_checkpoint(model: GPT, path: Path) -> None:
-    """The training checkpoint layout: GPT weights under ``model.``, config and tokenizer in
-    ``hyper_parameters``."""
-    state_dict = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
-    hyper_parameters = {
-        "model": model.config.to_dict(),
-        "tokenizer": {"name": "bytes", "path": None},
-    }
-    torch.save({"state_dict": state_dict, "hyper_parameters": hyper_parameters}, path)
 
 
 def run_script(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -150,3 +150,7 @@ def test_flops_per_token_follows_palm_formula():
     model = GPT(GPTConfig.from_preset("gpt2"))
     expected = 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 12 * 64 * 1024
     assert model.flops_per_token() == expected
+    # Untied, the token embedding is a lookup and the LM head its own matrix: the same matmuls.
+    untied = GPT(GPTConfig.from_preset("gpt2", tie_embeddings=False))
+    assert untied.num_params() == 124_439_808 + 50_257 * 768
+    assert untied.flops_per_token() == expected

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,6 +48,7 @@ from llm.errors import refused_config
 from llm.generate import generate_text
 from llm.hardware import device_from_name, peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
+from llm.model import GPT
 from llm.run import (
     build,
     check_no_earlier_run,
@@ -176,12 +178,18 @@ class PoisonAtStep(L.Callback):
 
 
 class RecordFirstBatch(L.Callback):
-    """Saves each rank's first training batch and learning rate next to the checkpoints."""
+    """Saves each rank's first training batch and learning rate, and its first validation
+    batch, next to the checkpoints."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0:
             record = {"batch": batch[0].cpu(), "learning_rate": pl_module.learning_rate}
             torch.save(record, Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            path = Path(trainer.default_root_dir) / f"rank{trainer.global_rank}_val.pt"
+            torch.save(batch[0].cpu(), path)
 
 
 class FailOnRankZero(L.Callback):
@@ -378,7 +386,6 @@ def test_validation_counts_optimizer_steps_and_ends_every_run(corpus, tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 5
 
 
-@pytest.mark.slow
 def train_with_signal(
     corpus: Path, run_dir: Path, signum: int, step: int, *extra: str, times: int = 1
 ):
@@ -394,6 +401,7 @@ def train_with_signal(
 # The signal lands after the step was checked, so the stop comes a step later: at step 2,
 # before the first validation (step 3) has written any checkpoint; at step 3, a step that
 # validates anyway; at step 5, between validations.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("signum", "step"), [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGTERM, 4)]
 )
@@ -426,6 +434,7 @@ def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, sign
     assert validated_steps(first_dir) + validated_steps(second_dir) == validated_steps(whole_dir)
 
 
+@pytest.mark.slow
 def test_sigterm_sent_twice_still_saves_before_stopping(corpus, tmp_path):
     # `timeout` signals the process and then its group: one process can get two at once.
     stopped = train_with_signal(corpus, tmp_path / "run", signal.SIGTERM, 1, times=2)
@@ -434,6 +443,7 @@ def test_sigterm_sent_twice_still_saves_before_stopping(corpus, tmp_path):
     assert torch.load(stopped.checkpoint_path, weights_only=True)["global_step"] == 2
 
 
+@pytest.mark.slow
 def test_a_signal_at_the_last_step_lets_the_run_end_as_usual(corpus, tmp_path):
     stopped = train_with_signal(corpus, tmp_path / "run", signal.SIGINT, 5, "trainer.max_steps=6")
     assert stopped.checkpoint_path is None  # nothing to resume: no "Stopped by" message
@@ -442,6 +452,7 @@ def test_a_signal_at_the_last_step_lets_the_run_end_as_usual(corpus, tmp_path):
     assert validated_steps(tmp_path / "run") == [2, 5]
 
 
+@pytest.mark.slow
 def test_a_sweep_jobs_resume_hint_runs_that_job_alone(corpus, tmp_path, monkeypatch):
     job_dir = tmp_path / "sweep" / "1"
     monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # after the test, the one before
@@ -475,6 +486,7 @@ def raise_in(owner: type, method: str, error: BaseException, monkeypatch) -> Non
 # Lightning answers a KeyboardInterrupt it sees (during data preparation, before GracefulStop
 # listens, or a second Ctrl-C, say during the stop's save) with exit code 1, and ignores Ctrl-C
 # from then on; train() raises it again, for 130, and never as a stop that saved.
+@pytest.mark.slow
 @pytest.mark.parametrize("during", ["preparation", "save"])
 def test_a_ctrl_c_lightning_takes_is_an_interrupt(corpus, tmp_path, monkeypatch, during):
     if during == "preparation":
@@ -489,6 +501,7 @@ def test_a_ctrl_c_lightning_takes_is_an_interrupt(corpus, tmp_path, monkeypatch,
         signal.signal(signal.SIGINT, handler)
 
 
+@pytest.mark.slow
 def test_a_sigterm_lightning_takes_exits_143_or_is_the_stop_that_saved(
     corpus, tmp_path, monkeypatch
 ):
@@ -619,6 +632,7 @@ def fsdp_rank(rank: int, store: str, strategy_kwargs: dict, results: str) -> Non
                 "figures": len(model_attention_figures(whole, tokenizer, "Hi!", 8)),
                 "sample": generate_text(whole, tokenizer, "Hi", max_new_tokens=16, top_k=1),
                 "whole": {name: p.shape for name, p in whole.named_parameters()},
+                "whole_is_training": whole.training,
             }
             torch.save(result, results)
         else:
@@ -645,6 +659,7 @@ def test_fsdp_shards_keep_weight_decay_and_inspection(corpus, tmp_path):
     assert result["figures"] == 2
     assert len(result["sample"]) > 0  # 16 forward passes of the copy, none of them collective
     assert result["whole"]["blocks.0.attn.qkv.weight"] == (24, 8)
+    assert result["whole_is_training"] is False  # no dropout in the maps and samples
 
 
 def run_ddp_on_cpu(*overrides: str, sweep: bool = False) -> subprocess.CompletedProcess:
@@ -671,6 +686,8 @@ def test_ddp_on_cpu_ranks_see_different_batches(corpus, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(run_dir / f"rank{r}.pt")["batch"] for r in (0, 1))
     assert rank0.shape == rank1.shape and not torch.equal(rank0, rank1)
+    val0, val1 = (torch.load(run_dir / f"rank{r}_val.pt") for r in (0, 1))
+    assert val0.shape == val1.shape and not torch.equal(val0, val1)  # each validates its share
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
@@ -861,6 +878,23 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     assert modes == ["max-autotune-no-cudagraphs"]
 
 
+def test_checkpoints_carry_the_generator_of_the_gpu_that_trains(monkeypatch):
+    # Dropout on a GPU draws from that GPU's generator: a resumed run must restore it to repeat
+    # the uninterrupted one. (The CPU's generator is covered by the resume test.)
+    module, gpu = tiny_module(), torch.device("cuda", 0)
+    strategy = SimpleNamespace(root_device=gpu)
+    module.trainer = SimpleNamespace(world_size=1, global_step=0, strategy=strategy)
+    state, restored = torch.arange(16, dtype=torch.uint8), {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: {gpu: state}[device])
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda new, device: restored.update({device: new})
+    )
+    checkpoint: dict[str, Any] = {}
+    module.on_save_checkpoint(checkpoint)
+    module.on_load_checkpoint(checkpoint)
+    assert torch.equal(restored[gpu], state)
+
+
 def token_batches(steps: int, batch_size: int) -> torch.utils.data.DataLoader:
     """``steps`` batches of random (inputs, targets) windows for ``tiny_module``."""
     tokens = torch.randint(0, 50, (steps * batch_size, TINY_CONTEXT + 1))
@@ -930,8 +964,10 @@ class RecordMetrics(Logger):
 
 
 class SlowValidationEnd(L.Callback):
+    SECONDS = 2.0
+
     def on_validation_end(self, *args: object) -> None:
-        time.sleep(1.0)
+        time.sleep(self.SECONDS)
 
 
 def test_throughput_monitor_reads_the_clock_only_on_logging_steps():
@@ -958,14 +994,30 @@ def test_throughput_monitor_reads_the_clock_only_on_logging_steps():
     flops = 3 * module.flops_per_batch
     assert readings[6]["train/device/flops_per_sec"] == pytest.approx(flops / seconds)
     assert "train/device/mfu" not in readings[6]  # no known peak for a CPU
-    assert seconds < 1.0  # the validation at step 4, and the 1 s after it, are left out
+    # The validation at step 4, and the sleep after it, are left out: 3 steps of a tiny model.
+    assert seconds < SlowValidationEnd.SECONDS
 
 
-def test_peak_flops_are_dense_and_known_for_the_h200(monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "bf16", "tf32"),
+    [
+        ("NVIDIA H200", 989.4e12, 494.7e12),
+        ("NVIDIA H100 80GB HBM3", 989.4e12, 494.7e12),  # from Lightning's table
+        ("NVIDIA H100 NVL", 835.5e12, 417.5e12),
+        ("NVIDIA H200 NVL", 835.5e12, 417.5e12),
+    ],
+)
+def test_peak_flops_are_dense_and_known_for_the_h100_and_h200(monkeypatch, name, bf16, tf32):
     cuda = torch.device("cuda")
-    for name, peak in [("NVIDIA H200", 989.4e12), ("NVIDIA H100 80GB HBM3", 989.4e12)]:
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
-        assert peak_flops(cuda, torch.bfloat16) == pytest.approx(peak)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr("lightning.fabric.accelerators.cuda._is_ampere_or_later", lambda: True)
+    assert peak_flops(cuda, torch.bfloat16) == pytest.approx(bf16)
+    # fp32 matmuls on the tensor cores, as training sets them up.
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert peak_flops(cuda, torch.float32) == pytest.approx(tf32)
+
+
+def test_peak_flops_are_unknown_for_cpus():
     assert peak_flops(torch.device("cpu"), torch.bfloat16) is None
     assert precision_dtype("bf16-mixed") is torch.bfloat16
     assert precision_dtype("32-true") is torch.float32
@@ -985,41 +1037,62 @@ def test_fused_optimizer_with_bf16_clips_gradients(fused_adamw):
 
 
 class CountHostReads(L.Callback):
-    """Counts ``Tensor.item`` calls (each one waits for the GPU there) once training starts."""
+    """Counts reads of tensor values on the host (``item``, ``bool``, ``float``, ``int``,
+    ``tolist``: each one waits for the GPU there) from the start of training to its end,
+    validation included. The model's check of CPU token ids (``GPT._embed``, skipped on
+    accelerators) is not counted."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.monkeypatch, self.reads = monkeypatch, 0
+    READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
+
+    def __init__(self) -> None:
+        self.reads, self.patches = 0, pytest.MonkeyPatch()
 
     def on_train_start(self, *args: object) -> None:
-        item = torch.Tensor.item
+        for name in self.READS:
+            self.patches.setattr(torch.Tensor, name, self.counted(getattr(torch.Tensor, name)))
 
-        def counted(tensor: torch.Tensor) -> object:
-            self.reads += 1
-            return item(tensor)
+    def on_train_end(self, *args: object) -> None:
+        self.patches.undo()
 
-        self.monkeypatch.setattr(torch.Tensor, "item", counted)
+    def counted(self, read: Callable[..., object]) -> Callable[..., object]:
+        def counted_read(tensor: torch.Tensor) -> object:
+            if sys._getframe(1).f_code is not GPT._embed.__code__:
+                self.reads += 1
+            return read(tensor)
+
+        return counted_read
 
 
-def test_training_steps_read_the_device_only_every_few_steps(monkeypatch, fused_adamw):
-    # On CUDA every read of a device value waits for the GPU; training must not read every step.
-    # (The fused AdamW matters: the CPU's unfused one reads its step count every step.)
+def count_host_reads(val_batches: int) -> tuple[int, GPTLightningModule, RecordMetrics]:
+    """Host reads of a 40-step run that logs every 10 steps and validates 4 times on
+    ``val_batches`` batches, with its module and what it logged."""
     B, steps = 4, 40
     module = tiny_module()
-    loader = token_batches(steps, B)
-    counter = CountHostReads(monkeypatch)
+    counter = CountHostReads()
     logger = RecordMetrics()
     trainer = cpu_trainer(
         max_steps=steps,
         log_every_n_steps=10,
+        val_check_interval=10,
+        limit_val_batches=val_batches,
         gradient_clip_val=1.0,
         logger=logger,
         callbacks=[counter, LossProgressBar(refresh_rate=10), TokenThroughputMonitor()],
         enable_progress_bar=True,  # the bar's own reads of the loss count too
     )
-    trainer.fit(module, train_dataloaders=loader)
-    assert counter.reads <= steps // 10 * 4, counter.reads  # a few values per logging step
+    trainer.fit(module, token_batches(steps, B), token_batches(val_batches, B))
+    return counter.reads, module, logger
+
+
+def test_training_steps_read_the_device_only_every_few_steps(fused_adamw):
+    # On CUDA every read of a device value waits for the GPU: training must not read every step,
+    # nor validation every batch. (The fused AdamW matters: the CPU's unfused one reads its step
+    # count every step.)
+    reads, module, logger = count_host_reads(val_batches=6)
+    assert reads <= (4 + 4) * 10, reads  # some values at each of 4 logging steps and validations
+    assert count_host_reads(val_batches=2)[0] == reads  # none per validation batch
     assert sorted(s for s, m in logger.logged.items() if "train/loss" in m) == [9, 19, 29, 39]
-    factor = warmup_cosine(39, module.warmup_steps, steps, module.min_lr / module.learning_rate)
+    factor = warmup_cosine(39, module.warmup_steps, 40, module.min_lr / module.learning_rate)
     assert logger.logged[39]["train/lr"] == pytest.approx(module.learning_rate * factor, rel=1e-6)
 
 
