@@ -164,7 +164,12 @@ def _load_training_checkpoint(path: Path, wanted: str) -> dict[str, Any]:
     """The checkpoint dict, its tensors memory-mapped where the format allows: they are read
     only when used, and the optimizer state not at all."""
     with path.open("rb") as file:
-        zipped = file.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+        head = file.read(len(ZIP_MAGIC))
+    zipped = head == ZIP_MAGIC
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):  # text, or another format altogether
+        raise ValueError(
+            f"{path} is not a file torch.save wrote, so no training checkpoint: give {wanted}"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as err:  # torch.load raises whatever the unpickler or zip reader raises

@@ -304,21 +304,27 @@ def prepare(
                 f.path,
                 f.invalid_utf8,
             )
+    new_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (
-        _atomic_output(out_dir / "train.bin") as train_out,
-        _atomic_output(out_dir / "val.bin") as val_out,
-    ):
-        counts = _encode_to(
-            _pieces(files, val_fraction),
-            tokenizer,
-            dtype,
-            {"train": train_out, "val": val_out},
-            num_threads or os.cpu_count() or 1,
-            total_chars=sum(f.chars for f in files),
-        )
-        # Until the new meta.json lands, the old one would wrongly vouch for the new files.
-        (out_dir / "meta.json").unlink(missing_ok=True)
+    try:
+        with (
+            _atomic_output(out_dir / "train.bin") as train_out,
+            _atomic_output(out_dir / "val.bin") as val_out,
+        ):
+            counts = _encode_to(
+                _pieces(files, val_fraction),
+                tokenizer,
+                dtype,
+                {"train": train_out, "val": val_out},
+                num_threads or os.cpu_count() or 1,
+                total_chars=sum(f.chars for f in files),
+            )
+            # Until the new meta.json lands, the old one would wrongly vouch for the new files.
+            (out_dir / "meta.json").unlink(missing_ok=True)
+    except BaseException:  # an error, or Ctrl-C: nothing was written, and no folder is left
+        if new_dir and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     meta = {
         "inputs": inputs,
         "dtype": dtype.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import select
 import sys
 import sysconfig
 import traceback
@@ -93,7 +94,17 @@ def stdout_is_closed() -> bool:
         sys.stdout.flush()
     except BrokenPipeError:
         return True
-    return False
+    # The write that failed may have emptied the buffer, so the flush succeeds: ask the pipe
+    # itself, which reports an error once its reader is gone (where poll exists: not Windows).
+    if not hasattr(select, "poll"):
+        return False
+    try:
+        stdout = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file: nothing to ask
+        return False
+    poller = select.poll()
+    poller.register(stdout, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def sentence(text: str) -> str:

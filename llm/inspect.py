@@ -25,9 +25,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from llm.attention import (
     CausalAttention,
+    GroupedQueryAttention,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,
+    RotaryAttention,
     SelfAttention,
+    SlidingWindowAttention,
     copy_wrapper_into_fused,
     simple_self_attention,
 )
@@ -85,20 +88,35 @@ def ladder_attention(inputs: Tensor, num_heads: int = 2, seed: int = 0) -> list[
     The steps share weights where they can, so that each picture differs from the one before
     only by what its step adds: the causal step reuses the self-attention projections (it only
     hides the future), the wrapper's first head is the causal step, and the fused module holds
-    the wrapper's heads (it computes the same weights, only faster).
+    the wrapper's heads (it computes the same weights, only faster). Grouped-query attention
+    keeps the fused module's queries and gives every head its first head's keys and values;
+    RoPE then rotates those queries and keys, and the sliding window keeps a band of T // 2.
     """
     T, d_in = inputs.shape
     d_head = 2  # small, as in the design notes' example
+    d_out = d_head * num_heads
     batch = inputs[None]  # (1, T, d_in): the multi-head steps stack heads along dim 1
     with torch.random.fork_rng():  # seeded weights, without touching the global generator
         torch.manual_seed(seed)
         plain = SelfAttention(d_in, d_head)
         causal = CausalAttention(d_in, d_head, context_length=T, dropout=0.0)
-        wrapper = MultiHeadAttentionWrapper(d_in, d_head * num_heads, T, 0.0, num_heads)
-        fused = MultiHeadAttention(d_in, d_head * num_heads, T, 0.0, num_heads)
+        wrapper = MultiHeadAttentionWrapper(d_in, d_out, T, 0.0, num_heads)
+        fused = MultiHeadAttention(d_in, d_out, T, 0.0, num_heads)
+        grouped = GroupedQueryAttention(d_in, d_out, T, 0.0, num_heads, num_kv_heads=1)
+        rotary = RotaryAttention(d_in, d_out, T, 0.0, num_heads, num_kv_heads=1)
+        window = SlidingWindowAttention(
+            d_in, d_out, T, 0.0, num_heads, num_kv_heads=1, window=max(1, T // 2)
+        )
     causal.load_state_dict(plain.state_dict())
     wrapper.heads[0].load_state_dict(causal.state_dict())
     copy_wrapper_into_fused(wrapper, fused)
+    with torch.no_grad():
+        # The fused projection's rows: every head's queries, then keys, then values.
+        queries, keys, values = fused.qkv.weight.split(d_out)
+        grouped.qkv.weight.copy_(torch.cat([queries, keys[:d_head], values[:d_head]]))
+        grouped.out_proj.load_state_dict(fused.out_proj.state_dict())
+    rotary.load_state_dict(grouped.state_dict())
+    window.load_state_dict(grouped.state_dict())
     with torch.no_grad():
         steps = [
             ("1 simple_self_attention", simple_self_attention(inputs, return_weights=True)[1]),
@@ -108,6 +126,9 @@ def ladder_attention(inputs: Tensor, num_heads: int = 2, seed: int = 0) -> list[
         for name, module in (
             ("4 MultiHeadAttentionWrapper", wrapper),
             ("5 MultiHeadAttention", fused),
+            ("6 GroupedQueryAttention", grouped),
+            ("7 RotaryAttention", rotary),
+            ("8 SlidingWindowAttention", window),
         ):
             weights = module(batch, return_weights=True)[1][0]  # (nh, T, T)
             steps += [(f"{name}\nhead {head}", weights[head]) for head in range(num_heads)]
@@ -123,7 +144,9 @@ def ladder_figure(inputs: Tensor, tokens: list[str], num_heads: int = 2, seed: i
             f"got {tuple(inputs.shape)}"
         )
     maps = ladder_attention(inputs, num_heads, seed)
-    return _maps_figure(maps, tokens, columns=len(maps), title="The attention ladder")
+    # Steps 1 to 5 on the first row, the modern steps 6 to 8 on the second.
+    columns = 3 + 2 * num_heads
+    return _maps_figure(maps, tokens, columns=columns, title="The attention ladder")
 
 
 def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:

@@ -48,6 +48,11 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _counted(number: int, thing: str) -> str:
+    """``1 layer``, ``12 layers``."""
+    return f"{number} {thing}{'' if number == 1 else 's'}"
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -406,8 +411,8 @@ class GPT(nn.Module):
             f" (padded to {c.padded_vocab_size})" if c.padded_vocab_size != c.vocab_size else ""
         )
         return (
-            f"GPT: {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context "
-            f"{c.context_length}, vocabulary {c.vocab_size}{padded}; "
+            f"GPT: {_counted(c.n_layer, 'layer')}, {_counted(c.n_head, 'head')}, "
+            f"width {c.n_embd}, context {c.context_length}, vocabulary {c.vocab_size}{padded}; "
             f"{self.num_params() / 1e6:.2f}M parameters, "
             f"{self.flops_per_token() / 1e6:.1f} MFLOP per token to train"
         )

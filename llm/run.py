@@ -10,7 +10,7 @@ import shlex
 import shutil
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -18,9 +18,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -79,6 +82,11 @@ def quiet_lightning() -> None:
     # A run resumed mid-epoch resumes its dataloader too: the datamodule starts the loader at
     # the restored step (llm.data.TokenDataModule).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+    # A run resumed in a new folder, as it is by default: its best.ckpt starts there afresh, and
+    # the earlier run's stays in the earlier folder. Or resumed in its own folder, as the stop
+    # message says: the checkpoints there are the ones it continues (a new run is refused).
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # Lightning's advice, in DDP, to log the validation metrics with sync_dist=True: they come
     # from sums over every rank's tokens already (torchmetrics' SumMetric), and would average
     # equal numbers. A new val/ metric that is not must be synced itself.
@@ -141,8 +149,9 @@ CHECKS: list[Check] = [
 ]
 
 
-def validate(cfg: DictConfig) -> None:
-    """Fail before any work, with one line naming the key and the fix, on an impossible value."""
+def validate(cfg: DictConfig, warn: bool = True) -> None:
+    """Fail before any work, with one line naming the key and the fix, on an impossible value;
+    with ``warn``, log what is allowed but rarely meant."""
     check_known_keys(cfg.tokenizer, ("name", "path"), "tokenizer.")
     check_model(cfg.model)
     check_values(cfg, CHECKS)
@@ -186,7 +195,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.get("data_dir") is not None:  # fail now, not after the trainer is built
         check_output_folder(source, cfg.data.data_dir, "data.data_dir")
     # Allowed, but rarely what was meant; warned of only once nothing is refused.
-    if cfg.module.warmup_steps > cfg.trainer.max_steps:
+    if warn and cfg.module.warmup_steps > cfg.trainer.max_steps:
         rank_zero_only(log.warning)(
             "module.warmup_steps=%d is more than trainer.max_steps=%d: the learning rate never "
             "reaches module.learning_rate",
@@ -209,6 +218,25 @@ class RefuseEarlierRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with one_line_errors():
             check_no_earlier_run(config, sweep=True)
+            check_every_sweep_job(config, kwargs.get("config_name") or "train")
+
+
+def check_every_sweep_job(sweep: DictConfig, config_name: str) -> None:
+    """Check the config of every job of a ``--multirun`` sweep (as ``validate``) before the
+    first job starts: a bad value in the last job would otherwise fail only when it starts,
+    hours into the sweep. Only for Hydra's basic sweeper, which runs every combination of the
+    sweep's values; other sweepers choose their jobs as they go."""
+    if not str(sweep.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+        return
+    overrides = OverridesParser.create().parse_overrides(list(sweep.hydra.overrides.task))
+    swept = {o.get_key_element() for o in overrides if o.is_sweep_override()}
+    (jobs,) = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+    for number, job in enumerate(jobs):
+        try:
+            validate(compose(config_name=config_name, overrides=job), warn=False)
+        except (ValueError, FileNotFoundError) as error:
+            values = " ".join(o for o in job if o.split("=", 1)[0] in swept)
+            raise ValueError(f"sweep job {number} ({values}): {error}") from None
 
 
 def check_no_earlier_run(cfg: DictConfig, sweep: bool = False) -> None:
@@ -310,11 +338,15 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
 
 
 @contextmanager
-def discarded_if_refused() -> Iterator[None]:
+def discarded_if_refused(made_before_training: Callable[[], set[str]] = set) -> Iterator[None]:
     """Remove the run's folder if what runs inside fails while the folder holds only what Hydra
     wrote in it: its config copy (``.hydra/``) and an empty log. Hydra makes those before any
     llm code runs, so every run refused for a bad setting would leave such a folder behind. A
-    folder that held anything more on entry (a rerun's, say) is left alone."""
+    folder that held anything more on entry (a rerun's, say) is left alone.
+
+    ``made_before_training`` names, at the failure, what else the run itself made there while
+    it has trained no step (the logger's folder, holding only the config it logged): a run whose
+    data turn out unusable once Lightning prepares them leaves nothing either."""
     if not HydraConfig.initialized():
         yield
         return
@@ -323,8 +355,8 @@ def discarded_if_refused() -> Iterator[None]:
     log_file = folder / f"{hydra_config.job.name}.log"
     written = {hydra_config.output_subdir, log_file.name}
 
-    def only_what_hydra_wrote() -> bool:
-        return folder.is_dir() and {path.name for path in folder.iterdir()} <= written
+    def only_what_hydra_wrote(also: Iterable[str] = ()) -> bool:
+        return folder.is_dir() and {path.name for path in folder.iterdir()} <= written.union(also)
 
     fresh = only_what_hydra_wrote() and not (log_file.is_file() and log_file.stat().st_size)
     # Never the folder the run started in (hydra.run.dir=.), or one a link leads to.
@@ -332,7 +364,7 @@ def discarded_if_refused() -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if fresh and only_what_hydra_wrote():
+        if fresh and only_what_hydra_wrote(made_before_training()):
             shutil.rmtree(folder, ignore_errors=True)
         raise
 
@@ -350,8 +382,8 @@ def hydra_value(value: str) -> str:
 
 
 def job_command_line() -> list[str]:
-    """The command line that runs this sweep job alone: the script, the config options given
-    to the sweep (``--config-name`` and the like), Hydra's own overrides but the sweep's, and
+    """The command line that runs this run, or this sweep job alone: the script, the config
+    options given (``--config-name`` and the like), Hydra's own overrides but a sweep's, and
     the job's overrides."""
     options = get_args_parser().parse_args(sys.argv[1:])  # Hydra's parser, as in hydra.main
     config_options = [
@@ -367,15 +399,14 @@ def job_command_line() -> list[str]:
 
 
 def resume_hint(checkpoint: Path) -> str:
-    """How to resume from ``checkpoint``, which a signal's stop saved. A sweep's job is resumed
-    on its own: its overrides, its folder and the checkpoint."""
-    if not in_sweep():
-        return f"Resume with ckpt_path={hydra_value(str(checkpoint))}"
-    job = [o for o in job_command_line() if not re.match(r"\+*ckpt_path=", o)]
+    """The command that resumes from ``checkpoint``, which a signal's stop saved: this run's
+    overrides (a sweep job's own, to resume it alone), its folder and the checkpoint."""
+    replaced = re.compile(r"[+~]*(ckpt_path|hydra\.run\.dir)=")
+    job = [o for o in job_command_line() if not replaced.match(o)]
     folder = HydraConfig.get().runtime.output_dir
-    return "Resume this job with: python " + shlex.join(
-        [*job, f"hydra.run.dir={hydra_value(folder)}", f"ckpt_path={hydra_value(str(checkpoint))}"]
-    )
+    command = [*job, f"hydra.run.dir={hydra_value(folder)}"]
+    command.append(f"ckpt_path={hydra_value(str(checkpoint))}")
+    return f"Resume this {'job' if in_sweep() else 'run'} with: python " + shlex.join(command)
 
 
 @contextmanager
@@ -431,23 +462,33 @@ def sweep_job_launches_its_own_ranks() -> Iterator[None]:
 def train(cfg: DictConfig) -> GracefulStop | None:
     """Build everything from ``cfg`` and fit. Returns the graceful-stop callback, which says
     whether a signal ended training and where its checkpoint went."""
-    with discarded_if_refused():
+    trainer: L.Trainer | None = None
+
+    def made_before_training() -> set[str]:  # the logger's folder, until a step has run
+        root = getattr(trainer.logger, "root_dir", None) if trainer else None
+        if root is None or trainer.global_step > 0:
+            return set()
+        return {Path(root).name}
+
+    with discarded_if_refused(made_before_training):
         datamodule, module, trainer = build(cfg)
-    if trainer.logger:
-        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
-    try:
-        with sweep_job_launches_its_own_ranks():
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    except SIGTERMException:  # Lightning's: a SIGTERM GracefulStop did not take (or a second)
-        if stop is None or stop.checkpoint_path is None:
-            raise SystemExit(EXIT_CODES["SIGTERM"]) from None
-    except SystemExit as error:
-        # A Ctrl-C that GracefulStop does not take (during data preparation, or a second one)
-        # Lightning turns into exit code 1. Once GracefulStop has saved, it is that stop;
-        # before, a KeyboardInterrupt, which exits as any Ctrl-C does (130).
-        if not isinstance(error.__context__, KeyboardInterrupt):
-            raise
-        if stop is None or stop.checkpoint_path is None:
-            raise KeyboardInterrupt from None
+        if trainer.logger:
+            trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
+        try:
+            with sweep_job_launches_its_own_ranks():
+                trainer.fit(
+                    module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True
+                )
+        except SIGTERMException:  # Lightning's: a SIGTERM GracefulStop did not take (or a second)
+            if stop is None or stop.checkpoint_path is None:
+                raise SystemExit(EXIT_CODES["SIGTERM"]) from None
+        except SystemExit as error:
+            # A Ctrl-C that GracefulStop does not take (during data preparation, or a second
+            # one) Lightning turns into exit code 1. Once GracefulStop has saved, it is that
+            # stop; before, a KeyboardInterrupt, which exits as any Ctrl-C does (130).
+            if not isinstance(error.__context__, KeyboardInterrupt):
+                raise
+            if stop is None or stop.checkpoint_path is None:
+                raise KeyboardInterrupt from None
     return stop

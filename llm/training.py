@@ -124,8 +124,25 @@ class GPTLightningModule(L.LightningModule):
         # it redraws; and a Python float would become a GPU tensor (a copy the GPU waits for),
         # so the learning rate is logged as a CPU tensor.
         self.log("train/loss", loss)
-        self.log("train/lr", torch.tensor(self.lr_schedulers().get_last_lr()[0]))
+        self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]))
         return loss
+
+    def on_train_start(self) -> None:
+        # A resumed run gets the optimizer's settings and the schedule's base learning rate back
+        # from the checkpoint. The run's config decides them, as it decides the schedule's
+        # shape (warmup_steps, max_steps, min_lr): a resume with a new learning rate takes it.
+        optimizer = self.trainer.optimizers[0]
+        schedule = self.trainer.lr_scheduler_configs[0].scheduler
+        factor = schedule.lr_lambdas[0](schedule.last_epoch)
+        groups = zip(optimizer.param_groups, (self.weight_decay, 0.0), strict=True)
+        for group, weight_decay in groups:  # as parameter_groups makes them
+            group.update(
+                lr=self.learning_rate * factor,
+                initial_lr=self.learning_rate,
+                betas=self.betas,
+                weight_decay=weight_decay,
+            )
+        schedule.base_lrs = [self.learning_rate] * len(optimizer.param_groups)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Lightning steps its loggers by a count in its loop state, which equals the optimizer
@@ -165,9 +182,9 @@ class GPTLightningModule(L.LightningModule):
             count = self.trainer.strategy.reduce(count.clone(), reduce_op="sum")
         if count.item():
             raise NonFiniteLossError(
-                f"The training loss became NaN or infinite by step {self.global_step}; the last "
-                "checkpoint saved before it is kept. Try a lower learning_rate, a longer warmup, "
-                "or precision=32."
+                f"The training loss became NaN or infinite by step {self.global_step}, and "
+                "nothing was saved from it: checkpoints saved before it are kept. Try a lower "
+                "module.learning_rate, a longer module.warmup_steps, or trainer.precision=32."
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

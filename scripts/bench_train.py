@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -251,6 +252,10 @@ def main() -> None:
     quiet_lightning()
     # The bench times training steps only and gives the Trainer no validation data on purpose.
     warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no")
+    # Fewer steps than a logging interval are fine for a quick look.
+    warnings.filterwarnings("ignore", message="The number of training batches")
+    # Each Lightning row would print its setup lines ("GPU available: ...") inside the table.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="gpt-micro")
     parser.add_argument("--batch", type=at_least(1), default=16)

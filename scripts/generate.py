@@ -52,7 +52,12 @@ def read_prompt(cfg: DictConfig) -> str:
     if cfg.prompt is not None and cfg.prompt_file is not None:
         raise ValueError("give prompt or prompt_file, not both")
     if cfg.prompt is not None:
-        return str(cfg.prompt)
+        if not isinstance(cfg.prompt, str):  # Hydra reads true, 12 or 1e3 as values, not text
+            raise ValueError(
+                f"prompt was read as {cfg.prompt!r} ({type(cfg.prompt).__name__}), not text: "
+                """put it in quotes, inside the shell's: 'prompt="..."'"""
+            )
+        return cfg.prompt
     stdin_open = sys.stdin is not None  # None when the shell closed it (<&-)
     if cfg.prompt_file == "-" or (
         cfg.prompt_file is None and stdin_open and not sys.stdin.isatty()

@@ -14,7 +14,13 @@ from safetensors.torch import save_file
 
 import llm.checkpoint
 from llm.callbacks import AtomicCheckpointIO
-from llm.checkpoint import load_model, load_model_and_tokenizer, save_hf, save_model
+from llm.checkpoint import (
+    load_model,
+    load_model_and_tokenizer,
+    save_hf,
+    save_model,
+    training_checkpoint_config,
+)
 from llm.model import GPT, GPTConfig
 
 BYTES = {"name": "bytes", "path": None}
@@ -133,6 +139,12 @@ def test_an_unknown_format_is_refused(tmp_path):
     (tmp_path / "notes.ckpt").write_text("hello, not a model\n")
     with pytest.raises(ValueError, match="is not a model file llm knows"):
         load_model(tmp_path / "notes.ckpt")
+
+
+def test_a_file_of_another_kind_is_no_training_checkpoint(tmp_path):
+    (tmp_path / "notes.ckpt").write_text("hello, not a model\n")  # no zip, no pickle
+    with pytest.raises(ValueError, match=r"notes\.ckpt is not a file torch\.save wrote"):
+        training_checkpoint_config(tmp_path / "notes.ckpt")
 
 
 def test_a_truncated_training_checkpoint_is_reported_as_corrupt(tmp_path):

@@ -1,5 +1,8 @@
 """How scripts report errors: one line, whatever raised it."""
 
+import subprocess
+import sys
+
 import pytest
 from hydra.utils import instantiate
 
@@ -25,3 +28,22 @@ def test_running_out_of_memory_while_a_config_is_built_is_one_line(capsys):
         instantiate({"_target_": "torch.empty", "_args_": [2**60]})  # an exabyte
     error = capsys.readouterr().err
     assert error.startswith("error: out of memory (") and error.count("\n") == 1
+
+
+def test_output_cut_short_by_its_reader_ends_quietly():
+    # As `python scripts/generate.py ... | head -c 20` does: each piece is printed and flushed.
+    writer = "\n".join(
+        [
+            "from llm.errors import one_line_errors",
+            "with one_line_errors():",
+            "    for _ in range(100_000):",
+            "        print('streamed text ' * 8, end='', flush=True)",
+        ]
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", writer], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout.read(20) == b"streamed text stream"
+    process.stdout.close()  # the reader goes away
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 1 and stderr == ""

@@ -72,7 +72,7 @@ def test_token_labels_show_whitespace_and_protect_dollar_signs():
 
 def test_ladder_steps_differ_only_by_what_each_step_adds():
     steps = dict(ladder_attention(TOY_INPUTS))
-    assert len(steps) == 7  # steps 1-3, then two heads each for steps 4 and 5
+    assert len(steps) == 13  # steps 1-3, then two heads each for steps 4 to 8
     future = torch.ones(6, 6, dtype=torch.bool).triu(1)
     for name, weights in steps.items():
         assert weights.shape == (6, 6), name
@@ -87,6 +87,17 @@ def test_ladder_steps_differ_only_by_what_each_step_adds():
     for h in range(2):
         assert torch.allclose(fused[h], wrapper[h], atol=1e-6)
     assert torch.equal(steps["1 simple_self_attention"], (TOY_INPUTS @ TOY_INPUTS.T).softmax(-1))
+    grouped, rotary, window = (
+        [steps[f"{step}\nhead {h}"] for h in range(2)]
+        for step in ("6 GroupedQueryAttention", "7 RotaryAttention", "8 SlidingWindowAttention")
+    )
+    assert torch.allclose(grouped[0], fused[0], atol=1e-6)  # head 0 has its own keys still
+    assert not torch.allclose(grouped[1], fused[1])  # head 1 now scores head 0's keys
+    assert not any(torch.allclose(rotary[h], grouped[h]) for h in range(2))  # rotated
+    in_reach = torch.ones(6, 6, dtype=torch.bool).tril().triu(-2)  # the last 3 tokens
+    for h in range(2):
+        assert (window[h][~in_reach] == 0).all()
+        assert torch.allclose(window[h][:3], rotary[h][:3], atol=1e-6)  # all within reach
 
 
 def test_ladder_figure_has_a_panel_per_step_and_head():
@@ -97,8 +108,9 @@ def test_ladder_figure_has_a_panel_per_step_and_head():
         "2 SelfAttention",
         "3 CausalAttention",
     ]
-    assert len(panels) == 7
+    assert len(panels) == 13
     assert tick_texts(panels[0].get_yticklabels()) == TOY_TOKENS
+    assert tick_texts(panels[7].get_yticklabels()) == TOY_TOKENS  # step 6 starts a row
 
 
 def test_model_attention_figures_give_one_figure_per_layer(tmp_path):

@@ -25,6 +25,8 @@ def test_summary_names_shape_parameters_and_flops():
     )
     unpadded = GPTConfig(vocab_size=128, context_length=16, n_layer=2, n_head=2, n_embd=32)
     assert "vocabulary 128;" in GPT(unpadded).summary()  # a multiple of 64 already
+    one = GPTConfig(vocab_size=128, context_length=16, n_layer=1, n_head=1, n_embd=32)
+    assert GPT(one).summary().startswith("GPT: 1 layer, 1 head, width 32")
 
 
 def test_presets_build_and_differ():

@@ -33,6 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
         ("generate.py", ["checkpoint=null", "prompt=Hi"], "no model: give checkpoint=PATH"),
         (
             "generate.py",
+            ["checkpoint=missing.ckpt", "prompt=true"],
+            """prompt was read as True (bool), not text: put it in quotes, inside the""",
+        ),
+        (
+            "generate.py",
             ["checkpoint=missing.ckpt", "prompt=Hi", "+max_new_token=5"],
             "max_new_token is not a setting, and nothing would read it: did you mean max_new_",
         ),

@@ -43,7 +43,7 @@ from llm.callbacks import (
     TokenThroughputMonitor,
     whole_model_on_rank_zero,
 )
-from llm.data import TokenDataModule
+from llm.data import DataError, TokenDataModule
 from llm.errors import refused_config
 from llm.generate import generate_text
 from llm.hardware import device_from_name, peak_flops, precision_dtype
@@ -323,15 +323,18 @@ def test_a_config_refused_is_one_line_but_a_bug_keeps_its_traceback():
     assert errors[1] is None  # re-raised by one_line_errors, traceback and all
 
 
+def run_sweep(corpus: Path, sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``scripts/train.py --multirun`` of the tiny run with ``overrides``, into ``sweep_dir``."""
+    return run_script(
+        "--multirun", *tiny_overrides(corpus, sweep_dir, *overrides), f"hydra.sweep.dir={sweep_dir}"
+    )
+
+
 @pytest.mark.slow
 def test_multirun_sweep_gives_each_run_its_own_folder(corpus, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    result = run_script(
-        "--multirun",
-        *tiny_overrides(corpus, sweep_dir, "trainer.max_steps=2", "trainer.val_check_interval=2"),
-        "module.learning_rate=1e-3,2e-3",
-        f"hydra.sweep.dir={sweep_dir}",
-    )
+    steps = ("trainer.max_steps=2", "trainer.val_check_interval=2")
+    result = run_sweep(corpus, sweep_dir, *steps, "module.learning_rate=1e-3,2e-3")
     assert result.returncode == 0, result.stderr[-3000:]
     for job in ("0", "1"):
         assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
@@ -342,6 +345,18 @@ def test_multirun_sweep_gives_each_run_its_own_folder(corpus, tmp_path):
         for job in ("0", "1")
     ]
     assert learning_rates == [1e-3, 2e-3]
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_bad_job_fails_before_the_first_job(corpus, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_sweep(corpus, sweep_dir, "data.batch_size=4,0", "module.learning_rate=1e-3,2e-3")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: sweep job 2 (data.batch_size=0 module.learning_rate=0.001): data.batch_size must "
+        "be a positive integer, got 0; override it as data.batch_size=..."
+    )
+    assert not sweep_dir.exists()  # no job ran
 
 
 # --- training behaviour ---------------------------------------------------------------------
@@ -420,7 +435,10 @@ def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, sign
     assert checkpoints == (["best.ckpt", "last.ckpt"] if step >= 2 else ["last.ckpt"])
     assert validated_steps(first_dir) == ([2] if step >= 2 else [])
 
-    train_tiny(corpus, second_dir, *extra, f"ckpt_path={interrupted}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # but for the warnings llm filters itself
+        train_tiny(corpus, second_dir, *extra, f"ckpt_path={interrupted}")
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]  # a new folder
     whole = final_weights(whole_dir / "checkpoints" / "last.ckpt")
     resumed = final_weights(second_dir / "checkpoints" / "last.ckpt")
     assert whole.keys() == resumed.keys()
@@ -453,25 +471,29 @@ def test_a_signal_at_the_last_step_lets_the_run_end_as_usual(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sweep_jobs_resume_hint_runs_that_job_alone(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", [RunMode.RUN, RunMode.MULTIRUN])
+def test_the_resume_hint_runs_that_run_or_sweep_job_alone(corpus, tmp_path, monkeypatch, mode):
     job_dir = tmp_path / "sweep" / "1"
     monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # after the test, the one before
-    job_overrides = ["module.learning_rate=0.002", "hydra.job.chdir=true", "hydra.sweep.dir=x"]
+    job_overrides = ["module.learning_rate=0.002", "hydra.job.chdir=true"]
+    job_overrides += ["hydra.sweep.dir=x"] if mode == RunMode.MULTIRUN else ["hydra.run.dir=y"]
     compose_run(tiny_overrides(corpus, job_dir, *job_overrides), job_dir)
     with read_write(HydraConfig.get()):
-        HydraConfig.get().mode = RunMode.MULTIRUN
-    # The sweep's command line gives the config options; the job's overrides come from Hydra.
-    sweep = ["--config-name=train", "-m", "module.learning_rate=1e-3,2e-3"]
-    monkeypatch.setattr(sys, "argv", ["scripts/train.py", *sweep])
+        HydraConfig.get().mode = mode
+    # The command line gives the config options; the job's overrides come from Hydra.
+    given = ["--config-name=train"]
+    given += ["-m", "module.learning_rate=1e-3,2e-3"] if mode == RunMode.MULTIRUN else []
+    monkeypatch.setattr(sys, "argv", ["scripts/train.py", *given])
     checkpoint = job_dir / "it's, quoted" / "last.ckpt"  # unquoted, Hydra would read a list
     hint = resume_hint(checkpoint)
-    prefix = "Resume this job with: python scripts/train.py --config-name=train "
+    what = "job" if mode == RunMode.MULTIRUN else "run"
+    prefix = f"Resume this {what} with: python scripts/train.py --config-name=train "
     assert hint.startswith(prefix)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         job = compose("train", overrides=shlex.split(hint[len(prefix) :]), return_hydra_config=True)
     assert job.module.learning_rate == 0.002  # the job's value, not the sweep's
     assert job.hydra.job.chdir  # Hydra's own settings too, but the sweep's
-    assert "hydra.sweep.dir" not in hint
+    assert "hydra.sweep.dir" not in hint and hint.count("hydra.run.dir=") == 1
     assert (job.hydra.mode, job.hydra.run.dir) == (RunMode.RUN, str(job_dir))
     assert job.ckpt_path == str(checkpoint)
 
@@ -534,8 +556,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     cfg = compose_run(tiny_overrides(corpus, run_dir, "module.check_finite_every=1"), run_dir)
     with open_dict(cfg):
         cfg.callbacks.poison = {"_target_": f"{__name__}.PoisonAtStep", "step": 4}
-    with pytest.raises(NonFiniteLossError, match="NaN or infinite"):
+    with pytest.raises(NonFiniteLossError, match="NaN or infinite") as raised:
         train(cfg)
+    suggested = re.findall(r"(?:module|trainer)\.\w+", str(raised.value))
+    assert len(suggested) == 3 and all(OmegaConf.select(cfg, key) for key in suggested)
     kept = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert kept["global_step"] == 3  # saved at the validation before the damage
     assert all(
@@ -878,6 +902,26 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     assert modes == ["max-autotune-no-cudagraphs"]
 
 
+def test_a_resume_takes_the_configs_learning_rate_betas_and_weight_decay(tmp_path):
+    # The checkpoint brings the optimizer's state and the step; the config, its settings.
+    B, checkpoint = 4, tmp_path / "last.ckpt"
+    first = cpu_trainer(max_steps=2, logger=False)
+    first.fit(tiny_module(), train_dataloaders=token_batches(2, B))
+    first.save_checkpoint(checkpoint)
+    options = {"learning_rate": 2e-3, "min_lr": 1e-4, "betas": (0.8, 0.9), "weight_decay": 0.2}
+    module, logger = tiny_module(warmup_steps=4, **options), RecordMetrics()
+    resumed = cpu_trainer(max_steps=4, log_every_n_steps=1, logger=logger)
+    resumed.fit(module, train_dataloaders=token_batches(4, B), ckpt_path=checkpoint)
+    lr_at = {step: m["train/lr"] for step, m in logger.logged.items() if "train/lr" in m}
+    assert sorted(lr_at) == [2, 3]  # the two steps after the checkpoint's
+    for step, lr in lr_at.items():
+        assert lr == pytest.approx(2e-3 * warmup_cosine(step, 4, 4, 1e-4 / 2e-3), rel=1e-6)
+    decayed, others = resumed.optimizers[0].param_groups
+    assert decayed["betas"] == others["betas"] == (0.8, 0.9)
+    assert (decayed["weight_decay"], others["weight_decay"]) == (0.2, 0.0)
+    assert resumed.optimizers[0].state  # Adam's moments came from the checkpoint
+
+
 def test_checkpoints_carry_the_generator_of_the_gpu_that_trains(monkeypatch):
     # Dropout on a GPU draws from that GPU's generator: a resumed run must restore it to repeat
     # the uninterrupted one. (The CPU's generator is covered by the resume test.)
@@ -1123,6 +1167,24 @@ def test_a_refused_run_removes_only_a_folder_of_hydras_own_files(
             (run_dir / written_later).mkdir()
         raise ValueError("refused")
     assert run_dir.exists() != removed
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder(corpus, tmp_path, trained):
+    # Unusable data come to light only once Lightning sets the data up, after the logger has
+    # made its folder: nothing was trained, so nothing is kept. A run that trained keeps it.
+    run_dir = tmp_path / "run"
+    failure = "module.check_finite_every=1" if trained else "data.val_fraction=0.001"
+    cfg = compose_run(tiny_overrides(corpus, run_dir, failure), run_dir)
+    with open_dict(cfg):
+        cfg.callbacks.poison = {"_target_": f"{__name__}.PoisonAtStep", "step": 1}
+    (run_dir / ".hydra").mkdir(parents=True)  # as Hydra leaves it before the run starts
+    (run_dir / f"{HydraConfig.get().job.name}.log").write_text("")
+    with pytest.raises(NonFiniteLossError if trained else DataError):
+        train(cfg)
+    assert run_dir.exists() == trained
+    if trained:
+        assert (run_dir / "tensorboard").is_dir()  # the losses logged until the failure
 
 
 def test_a_refused_run_in_a_linked_folder_leaves_it(corpus, tmp_path):
