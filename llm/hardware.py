@@ -41,12 +41,12 @@ def has_fast_bf16(device_type: str) -> bool:
     return device_type == "cpu" and cpu_has_fast_bf16()
 
 
-# Dense peak FLOP/s for chips that Lightning's table (get_available_flops) misses or lists with
-# 2:4 sparsity: its H200 and H100 NVL entries are the datasheets' sparse figures, and the H200
-# SXM part, which names itself plainly "NVIDIA H200", matches none of them. The SXM part computes
-# at the H100 SXM's rates; the NVL parts at half their datasheets' sparse rates. "tfloat32" is
-# fp32 run on tensor cores, as under torch.set_float32_matmul_precision("high"). Matched in this
-# order.
+# Dense peak FLOP/s of one chip, for chips that Lightning's table (get_available_flops) misses
+# or overstates: its H200 entries are the datasheet's 2:4-sparse figures, and the SXM part,
+# which names itself plainly "NVIDIA H200", matches none of them; its H100 NVL entry is the
+# figure of a pair of cards. The H200 SXM computes at the H100 SXM's rates; one NVL card of
+# either at half its datasheet's sparse rates. "tfloat32" is fp32 run on tensor cores, as under
+# torch.set_float32_matmul_precision("high"). Matched in this order.
 def _dense_peaks(bf16: float, tf32: float, fp32: float) -> dict[torch.dtype | str, float]:
     return {torch.bfloat16: bf16, torch.float16: bf16, "tfloat32": tf32, torch.float32: fp32}
 

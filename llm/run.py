@@ -22,6 +22,7 @@ from hydra import compose
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
@@ -31,6 +32,7 @@ from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf.errors import InterpolationResolutionError
 
 from llm.callbacks import AtomicCheckpointIO, GracefulStop, InspectionLogger
 from llm.checkpoint import training_checkpoint_config
@@ -225,15 +227,24 @@ def check_every_sweep_job(sweep: DictConfig, config_name: str) -> None:
     """Check the config of every job of a ``--multirun`` sweep (as ``validate``) before the
     first job starts: a bad value in the last job would otherwise fail only when it starts,
     hours into the sweep. Only for Hydra's basic sweeper, which runs every combination of the
-    sweep's values; other sweepers choose their jobs as they go."""
+    sweep's values (``hydra.sweeper.params``, then the command line's), as it does here; other
+    sweepers choose their jobs as they go. A job whose config refers to what exists only once
+    it runs (``${hydra:runtime.cwd}``) is checked when it starts."""
     if not str(sweep.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
         return
-    overrides = OverridesParser.create().parse_overrides(list(sweep.hydra.overrides.task))
+    # As given: an override's ${...} is resolved in its job's config, not in the sweep's.
+    params = OmegaConf.to_container(sweep.hydra.sweeper, resolve=False).get("params") or {}
+    given = [f"{key}={value}" for key, value in params.items()]
+    given += OmegaConf.to_container(sweep.hydra.overrides.task, resolve=False)
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().hydra.config_loader)
+    overrides = parser.parse_overrides(given)
     swept = {o.get_key_element() for o in overrides if o.is_sweep_override()}
     (jobs,) = BasicSweeper.split_arguments(overrides, max_batch_size=None)
     for number, job in enumerate(jobs):
         try:
             validate(compose(config_name=config_name, overrides=job), warn=False)
+        except InterpolationResolutionError:
+            continue
         except (ValueError, FileNotFoundError) as error:
             values = " ".join(o for o in job if o.split("=", 1)[0] in swept)
             raise ValueError(f"sweep job {number} ({values}): {error}") from None
@@ -391,11 +402,12 @@ def job_command_line() -> list[str]:
         for name in ("config_path", "config_name", "config_dir")
         if (value := getattr(options, name)) is not None
     ]
-    hydra_config = HydraConfig.get()
+    # As given: ${...} in an override is the job's to resolve, when it runs.
+    overrides = OmegaConf.to_container(HydraConfig.get().overrides, resolve=False)
     sweep_only = re.compile(r"[+~]*hydra(\.|/)(sweep|sweeper|launcher|mode)\b")
-    hydra_overrides = [o for o in hydra_config.overrides.hydra if not sweep_only.match(o)]
-    job = [*hydra_overrides, "hydra.mode=RUN", *hydra_config.overrides.task]
-    return [sys.argv[0], *config_options, *job]
+    hydra_overrides = [o for o in overrides["hydra"] if not sweep_only.match(o)]
+    run_mode = ["hydra.mode=RUN"] if in_sweep() else []
+    return [sys.argv[0], *config_options, *hydra_overrides, *run_mode, *overrides["task"]]
 
 
 def resume_hint(checkpoint: Path) -> str:

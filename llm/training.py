@@ -160,12 +160,19 @@ class GPTLightningModule(L.LightningModule):
             # so the last step is checkpointed and logged (unless a validation was due anyway).
             self.trainer.should_stop = True
 
+    def on_validation_epoch_start(self) -> None:
+        # Under bf16-true or 16-true Lightning casts the whole module, these sums too: bf16 sums
+        # of thousands of tokens' losses round badly, and fp16 ones overflow.
+        for metric in (self.val_loss_sum, self.val_tokens):
+            metric.set_dtype(torch.float32)
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, targets = batch
         _, loss = self.model_forward(inputs, targets)
         tokens = inputs.numel()
-        self.val_loss_sum.update(loss * tokens)
-        self.val_tokens.update(torch.full_like(loss, tokens))  # not a copy from the host
+        self.val_loss_sum.update(loss.float() * tokens)
+        # Made on the device, not copied from the host.
+        self.val_tokens.update(torch.full_like(loss, tokens, dtype=torch.float32))
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss_sum.compute() / self.val_tokens.compute()  # sums over every rank

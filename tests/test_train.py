@@ -51,6 +51,7 @@ from llm.inspect import model_attention_figures
 from llm.model import GPT
 from llm.run import (
     build,
+    check_every_sweep_job,
     check_no_earlier_run,
     discarded_if_refused,
     quiet_lightning,
@@ -359,6 +360,32 @@ def test_a_sweep_with_a_bad_job_fails_before_the_first_job(corpus, tmp_path):
     assert not sweep_dir.exists()  # no job ran
 
 
+@pytest.mark.parametrize(
+    ("params", "sweep", "error"),
+    [
+        ({}, ["module.min_lr=1e-4,5e-4", "module.learning_rate=${module.min_lr}"], None),
+        ({}, ["data.data_dir=${hydra:runtime.cwd}/data", "data.batch_size=8,4"], None),
+        ({}, ["model=glob(gpt-n*)", "data.batch_size=8,0"], "job 1 (model=gpt-nano data.bat"),
+        ({"module.weight_decay": "0.1,-1"}, [], "job 1 (module.weight_decay=-1): module.weig"),
+    ],
+)
+def test_a_sweeps_jobs_are_checked_as_hydras_basic_sweeper_makes_them(
+    corpus, tmp_path, params, sweep, error
+):
+    # Each job's ${...} resolves in its own config (a job's hydra:runtime only as it runs), a
+    # glob picks config options, and hydra.sweeper.params sweeps too.
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = compose("train", overrides=tiny_overrides(corpus, tmp_path), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.sweeper.params = params
+            cfg.hydra.overrides.task = [*tiny_overrides(corpus, tmp_path), *sweep]
+        if error is None:
+            check_every_sweep_job(cfg, "train")
+        else:
+            with pytest.raises(ValueError, match=re.escape(f"sweep {error}")):
+                check_every_sweep_job(cfg, "train")
+
+
 # --- training behaviour ---------------------------------------------------------------------
 
 
@@ -476,6 +503,7 @@ def test_the_resume_hint_runs_that_run_or_sweep_job_alone(corpus, tmp_path, monk
     job_dir = tmp_path / "sweep" / "1"
     monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # after the test, the one before
     job_overrides = ["module.learning_rate=0.002", "hydra.job.chdir=true"]
+    job_overrides += ["module.min_lr=${module.learning_rate}"]  # resolved as the job runs
     job_overrides += ["hydra.sweep.dir=x"] if mode == RunMode.MULTIRUN else ["hydra.run.dir=y"]
     compose_run(tiny_overrides(corpus, job_dir, *job_overrides), job_dir)
     with read_write(HydraConfig.get()):
@@ -494,7 +522,9 @@ def test_the_resume_hint_runs_that_run_or_sweep_job_alone(corpus, tmp_path, monk
     assert job.module.learning_rate == 0.002  # the job's value, not the sweep's
     assert job.hydra.job.chdir  # Hydra's own settings too, but the sweep's
     assert "hydra.sweep.dir" not in hint and hint.count("hydra.run.dir=") == 1
-    assert (job.hydra.mode, job.hydra.run.dir) == (RunMode.RUN, str(job_dir))
+    assert "'module.min_lr=${module.learning_rate}'" in hint
+    assert ("hydra.mode=RUN" in hint) == (mode == RunMode.MULTIRUN)  # a sweep job runs alone
+    assert job.hydra.run.dir == str(job_dir)
     assert job.ckpt_path == str(checkpoint)
 
 
@@ -920,6 +950,20 @@ def test_a_resume_takes_the_configs_learning_rate_betas_and_weight_decay(tmp_pat
     assert decayed["betas"] == others["betas"] == (0.8, 0.9)
     assert (decayed["weight_decay"], others["weight_decay"]) == (0.2, 0.0)
     assert resumed.optimizers[0].state  # Adam's moments came from the checkpoint
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_the_validation_loss_is_the_mean_over_every_token(precision):
+    # Under bf16-true Lightning casts the whole module; summed in bf16, 64 batches' losses
+    # (weighted by their 1,024 tokens) would round to the nearest 1,024 and more.
+    batches, B = 64, 1024 // TINY_CONTEXT
+    torch.manual_seed(0)
+    module, loader = tiny_module(), token_batches(batches, B)
+    trainer = cpu_trainer(precision=precision, logger=False)
+    (logged,) = trainer.validate(module, loader, verbose=False)
+    with torch.no_grad():
+        losses = [module.model(x, y)[1].double() for x, y in loader]
+    assert logged["val/loss"] == pytest.approx(float(sum(losses) / batches), rel=1e-5)
 
 
 def test_checkpoints_carry_the_generator_of_the_gpu_that_trains(monkeypatch):
