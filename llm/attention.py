@@ -292,18 +292,18 @@ class MultiHeadAttention(nn.Module):
         queries, keys = self.rotate(queries, keys, start)
         if kv_cache is not None:
             keys, values = kv_cache.append(keys, values)  # (B, nkv, S, hs)
-        mask = self.attention_mask(T, keys.size(2), x.device)  # (T, S), or None: plain causal
         dropout_p = self.dropout if self.training else 0.0
 
         if return_weights:
             group = self.num_heads // self.num_kv_heads  # query heads per key/value head
             keys = keys.repeat_interleave(group, dim=1)  # (B, nh, S, hs)
             values = values.repeat_interleave(group, dim=1)
+            mask = self.attention_mask(T, keys.size(2), x.device)  # (T, S), or None: causal
             explicit = causal_mask(T, T, x.device) if mask is None else mask
             weights = scaled_attention_weights(queries, keys, explicit)  # (B, nh, T, S)
             context = F.dropout(weights, dropout_p) @ values  # (B, nh, T, hs)
         else:
-            context = self.attend(queries, keys, values, mask, dropout_p)  # (B, nh, T, hs)
+            context = self.attend(queries, keys, values, dropout_p)  # (B, nh, T, hs)
         context = context.transpose(1, 2).reshape(B, T, self.d_out)  # heads side by side again
         output = self.out_proj(context)  # (B, T, d_out)
         return (output, weights) if return_weights else output
@@ -334,12 +334,11 @@ class MultiHeadAttention(nn.Module):
             return None
         return causal_mask(num_queries, num_keys, device)
 
-    def attend(
-        self, queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, dropout_p: float
-    ) -> Tensor:
-        """SDPA of queries (B, nh, T, hs) over keys and values (B, nkv, S, hs) -> (B, nh, T, hs).
-        With fewer key/value heads (step 6), ``enable_gqa`` lets each group of query heads read
-        its shared head without copying it."""
+    def attend(self, queries: Tensor, keys: Tensor, values: Tensor, dropout_p: float) -> Tensor:
+        """SDPA of queries (B, nh, T, hs) over keys and values (B, nkv, S, hs) -> (B, nh, T, hs),
+        under ``attention_mask``. With fewer key/value heads (step 6), ``enable_gqa`` lets each
+        group of query heads read its shared head without copying it."""
+        mask = self.attention_mask(queries.size(2), keys.size(2), queries.device)  # (T, S)
         return F.scaled_dot_product_attention(
             queries,
             keys,
@@ -493,16 +492,16 @@ class SlidingWindowAttention(RotaryAttention):
             return super().attention_mask(num_queries, num_keys, device)
         return causal_mask(num_queries, num_keys, device, window=self.window)
 
-    def attend(
-        self, queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, dropout_p: float
-    ) -> Tensor:
-        whole_band = mask is not None and queries.size(2) == keys.size(2) and dropout_p == 0.0
+    def attend(self, queries: Tensor, keys: Tensor, values: Tensor, dropout_p: float) -> Tensor:
+        # FlexAttention takes a whole sequence longer than the window, and builds no mask.
+        num_queries, num_keys = queries.size(2), keys.size(2)
+        whole_band = num_queries == num_keys > self.window and dropout_p == 0.0
         use_flex = self.use_flex
         if use_flex is None:
-            use_flex = queries.is_cuda and keys.size(2) >= self.FLEX_MIN_WINDOWS * self.window
+            use_flex = queries.is_cuda and num_keys >= self.FLEX_MIN_WINDOWS * self.window
         if whole_band and use_flex:
             return flex_band_attention(queries, keys, values, self.window)
-        return super().attend(queries, keys, values, mask, dropout_p)
+        return super().attend(queries, keys, values, dropout_p)
 
 
 # Inside a torch.compile'd model this runs as its own compiled call (a graph break): traced into
