@@ -131,6 +131,20 @@ class LossProgressBar(TQDMProgressBar):
     every step, and every step would wait for the GPU. Losses show three decimals: tqdm's
     three significant digits, padded by Lightning, would show 10.138 as 10.10."""
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.fit_loop.epoch_loop.batch_progress.current.completed:
+            # Resumed inside the run's one epoch, which Lightning does not start again: the bar
+            # would show no epoch and no total.
+            self.on_train_epoch_start(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        if trainer.max_steps > 0 and trainer.max_epochs == -1:  # the run is one endless epoch
+            # The bar counts the run's batches from its start, a resumed run's too: its total is
+            # every batch of the run, not (as Lightning's) the optimizer steps left.
+            self.train_progress_bar.total = trainer.max_steps * trainer.accumulate_grad_batches
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         loss = trainer.callback_metrics.get("train/loss")

@@ -1184,6 +1184,37 @@ def test_training_steps_read_the_device_only_every_few_steps(fused_adamw):
     assert logger.logged[39]["train/lr"] == pytest.approx(module.learning_rate * factor, rel=1e-6)
 
 
+class SaveAtStep(L.Callback):
+    """Saves a checkpoint in the middle of the epoch, after optimizer step ``step``."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, *args: object) -> None:
+        if trainer.global_step == self.step and not self.path.exists():
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_progress_bar_counts_every_batch_of_a_resumed_run(tmp_path, accumulate):
+    # Resumed inside the run's one epoch, Lightning does not start the epoch again, and its bar
+    # had no total; its total also counted optimizer steps where the bar counts batches.
+    checkpoint, bars = tmp_path / "mid.ckpt", []
+    for resume in (None, checkpoint):
+        bar = LossProgressBar(refresh_rate=1)
+        trainer = cpu_trainer(
+            max_steps=6,
+            accumulate_grad_batches=accumulate,
+            logger=False,
+            enable_progress_bar=True,
+            callbacks=[bar, SaveAtStep(3, checkpoint)],
+        )
+        trainer.fit(tiny_module(), token_batches(12 * accumulate, 4), ckpt_path=resume)
+        bars.append(bar.train_progress_bar)
+    for bar in bars:
+        assert bar.desc.startswith("Epoch 0") and bar.n == bar.total == 6 * accumulate
+
+
 def test_progress_bar_shows_losses_with_three_decimals():
     trainer = SimpleNamespace(
         loggers=[],
