@@ -416,8 +416,11 @@ def resume_hint(checkpoint: Path) -> str:
     replaced = re.compile(r"[+~]*(ckpt_path|hydra\.run\.dir)=")
     job = [o for o in job_command_line() if not replaced.match(o)]
     folder = HydraConfig.get().runtime.output_dir
-    command = [*job, f"hydra.run.dir={hydra_value(folder)}"]
-    command.append(f"ckpt_path={hydra_value(str(checkpoint))}")
+    command = [
+        *job,
+        f"hydra.run.dir={hydra_value(folder)}",
+        f"ckpt_path={hydra_value(str(checkpoint))}",
+    ]
     return f"Resume this {'job' if in_sweep() else 'run'} with: python " + shlex.join(command)
 
 

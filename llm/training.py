@@ -134,13 +134,12 @@ class GPTLightningModule(L.LightningModule):
         optimizer = self.trainer.optimizers[0]
         schedule = self.trainer.lr_scheduler_configs[0].scheduler
         factor = schedule.lr_lambdas[0](schedule.last_epoch)
-        groups = zip(optimizer.param_groups, (self.weight_decay, 0.0), strict=True)
-        for group, weight_decay in groups:  # as parameter_groups makes them
+        for group, made in zip(optimizer.param_groups, self.parameter_groups(), strict=True):
             group.update(
                 lr=self.learning_rate * factor,
                 initial_lr=self.learning_rate,
                 betas=self.betas,
-                weight_decay=weight_decay,
+                weight_decay=made["weight_decay"],
             )
         schedule.base_lrs = [self.learning_rate] * len(optimizer.param_groups)
 
