@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from llm.files import atomic_path, check_folder
+from llm.files import atomic_path, check_folder, made_folder
 from llm.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def source_files(source: str, data_dir: str | Path = "data") -> list[Path]:
             raise FileNotFoundError(f"the glob {source!r} matches no files: check the pattern")
         return files
     path = Path(source)
-    if path.is_dir():
+    if source and path.is_dir():  # Path("") is the current folder, never the user's choice
         # Every visible file directly in the folder, in name order; no recursion, so a folder
         # of documents never picks up prepared output or version-control files below it.
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -149,10 +149,9 @@ def download(url: str, sha256: str, dest: Path) -> None:
     Bytes go to a temporary file beside ``dest`` that is renamed into place once checked, so a
     failed, interrupted or corrupted download leaves nothing behind.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
     fallback = "download it yourself and pass the local file path as the source"
     digest = hashlib.sha256()
-    with _atomic_output(dest) as out:
+    with made_folder(dest.parent), _atomic_output(dest) as out:
         try:
             with urllib.request.urlopen(url, timeout=30) as response:
                 total = int(response.headers.get("Content-Length") or 0) or None
@@ -304,27 +303,22 @@ def prepare(
                 f.path,
                 f.invalid_utf8,
             )
-    new_dir = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with (
-            _atomic_output(out_dir / "train.bin") as train_out,
-            _atomic_output(out_dir / "val.bin") as val_out,
-        ):
-            counts = _encode_to(
-                _pieces(files, val_fraction),
-                tokenizer,
-                dtype,
-                {"train": train_out, "val": val_out},
-                num_threads or os.cpu_count() or 1,
-                total_chars=sum(f.chars for f in files),
-            )
-            # Until the new meta.json lands, the old one would wrongly vouch for the new files.
-            (out_dir / "meta.json").unlink(missing_ok=True)
-    except BaseException:  # an error, or Ctrl-C: nothing was written, and no folder is left
-        if new_dir and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
+    # On an error, or Ctrl-C, nothing is written, and no folder made for it is left.
+    with (
+        made_folder(out_dir),
+        _atomic_output(out_dir / "train.bin") as train_out,
+        _atomic_output(out_dir / "val.bin") as val_out,
+    ):
+        counts = _encode_to(
+            _pieces(files, val_fraction),
+            tokenizer,
+            dtype,
+            {"train": train_out, "val": val_out},
+            num_threads or os.cpu_count() or 1,
+            total_chars=sum(f.chars for f in files),
+        )
+        # Until the new meta.json lands, the old one would wrongly vouch for the new files.
+        (out_dir / "meta.json").unlink(missing_ok=True)
     meta = {
         "inputs": inputs,
         "dtype": dtype.name,

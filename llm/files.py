@@ -1,12 +1,12 @@
-"""Writing files whole or not at all (a failed or interrupted write never leaves half a file),
-and checking before any work that a folder can be written in."""
+"""Writing files whole or not at all (a failed or interrupted write never leaves half a file, nor
+an empty folder made for it), and checking before any work that a folder can be written in."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -28,6 +28,25 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)  # gone already if renamed
+
+
+@contextmanager
+def made_folder(path: Path) -> Iterator[None]:
+    """Make the folder ``path`` (and the folders above it that are missing) for the block to
+    write in. On any error or Ctrl-C, those made here that are still empty are removed again."""
+    missing = []
+    folder = path.absolute()
+    while not os.path.lexists(folder):  # ends at the root at the latest
+        missing.append(folder)
+        folder = folder.parent
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        with suppress(OSError):  # stops at the first that holds something
+            for folder in missing:  # innermost first
+                folder.rmdir()
+        raise
 
 
 def check_folder(path: str | Path, setting: str, writing: bool = True) -> None:

@@ -32,6 +32,9 @@ from llm.attention import (
 VOCAB_PAD_MULTIPLE = 64
 
 
+# The target that counts for nothing in the loss (PyTorch's default): padding, say.
+IGNORE_INDEX = -100
+
 # What wrappers insert into parameter names: FSDP units, activation checkpointing, torch.compile.
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -314,7 +317,7 @@ class GPT(nn.Module):
         kv_caches: list[KVCache] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab_size) for token ids (B, T) and, given targets (B, T), the mean
-        cross-entropy loss over targets that are not -100.
+        cross-entropy loss over targets that are not ``IGNORE_INDEX`` (-100).
 
         With ``kv_caches`` (from ``new_kv_caches``), ``idx`` continues the cached sequence:
         only the new tokens are computed, at their true positions.
@@ -335,7 +338,13 @@ class GPT(nn.Module):
         logits = self.lm_head(self.final_norm(x))[..., : self.config.vocab_size]  # (B, T, V)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if targets.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"Targets must have the token ids' shape {tuple(logits.shape[:-1])}, "
+                f"got {tuple(targets.shape)}."
+            )
+        self._check_in_vocabulary(targets, "Targets", ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 
     @torch.no_grad()
@@ -356,8 +365,13 @@ class GPT(nn.Module):
     def _embed(self, idx: Tensor, start: int) -> Tensor:
         """Token plus position embeddings (none with RoPE) for ids (B, T) at positions
         start .. start + T - 1."""
-        if idx.dim() != 2:
-            raise ValueError(f"Token ids must have shape (batch, tokens), got {tuple(idx.shape)}.")
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(
+                f"Token ids must have shape (batch, tokens) with at least one token, "
+                f"got {tuple(idx.shape)}."
+            )
+        if idx.dtype not in (torch.long, torch.int):  # what an embedding lookup takes
+            raise ValueError(f"Token ids must be integers (torch.long), got {idx.dtype}.")
         end = start + idx.size(1)
         if end > self.config.context_length:
             raise ValueError(
@@ -365,19 +379,26 @@ class GPT(nn.Module):
                 f"({self.config.context_length}); crop the input to its last "
                 f"{self.config.context_length} tokens."
             )
-        # Reading the ids' values on the host is free for CPU tensors but would stall every
-        # accelerator step (and break torch.compile graphs); there the data pipeline checks them.
-        if idx.device.type == "cpu" and not torch.compiler.is_compiling():
-            low, high = int(idx.min()), int(idx.max())
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(
-                    f"Token ids must lie in [0, {self.config.vocab_size}) for this model, got "
-                    f"values in [{low}, {high}]; was the text encoded with another tokenizer?"
-                )
+        self._check_in_vocabulary(idx, "Token ids")
         x = self.token_embedding(idx)  # (B, T, C)
         if self.position_embedding is not None:  # with RoPE the attention adds positions
             x = x + self.position_embedding(torch.arange(start, end, device=idx.device))
         return self.dropout(x)
+
+    def _check_in_vocabulary(self, ids: Tensor, what: str, ignore_index: int | None = None) -> None:
+        """Raise a ValueError unless every id lies in [0, vocab_size) (or is ``ignore_index``)."""
+        # Reading the ids' values on the host is free for CPU tensors but would stall every
+        # accelerator step (and break torch.compile graphs); there the data pipeline checks them.
+        if ids.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        real = ids[ids != ignore_index] if ignore_index is not None else ids
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.config.vocab_size):
+            ignored = f" (or {ignore_index}, ignored)" if ignore_index is not None else ""
+            raise ValueError(
+                f"{what} must lie in [0, {self.config.vocab_size}){ignored} for this model, got "
+                f"values in [{int(real.min())}, {int(real.max())}]; was the text encoded with "
+                "another tokenizer?"
+            )
 
     def num_params(self, include_position_embeddings: bool = True) -> int:
         """Parameters counted once each (tied weights once), without the vocabulary padding."""

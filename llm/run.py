@@ -11,7 +11,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -127,7 +127,12 @@ CHECKS: list[Check] = [
         "null (every batch), a number of batches, or a fraction in [0, 1]",
     ),
     ("trainer.accumulate_grad_batches", INTEGER, positive, "a positive integer"),
-    ("trainer.gradient_clip_val", NUMBER, non_negative, "a non-negative number"),
+    (
+        "trainer.gradient_clip_val",
+        (*NUMBER, type(None)),
+        lambda v: v is None or v >= 0,
+        "null or 0 (no clipping), or a positive number",
+    ),
     ("data.batch_size", INTEGER, positive, "a positive integer"),
     ("data.num_workers", INTEGER, non_negative, "a non-negative integer"),
     ("data.val_fraction", NUMBER, lambda v: 0 < v < 1, "a number between 0 and 1"),
@@ -187,10 +192,13 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
                 f"{cfg.trainer.max_steps} leaves nothing to train; raise trainer.max_steps"
             )
         if tokenizer["name"] != cfg.tokenizer.name:
+            saved_path = tokenizer.get("path")
+            resume_with = f"tokenizer.name={tokenizer['name']}"
+            if saved_path != cfg.tokenizer.get("path"):
+                resume_with += f" tokenizer.path={saved_path if saved_path else 'null'}"
             raise ValueError(
                 f"ckpt_path={cfg.ckpt_path} was trained with the tokenizer {tokenizer['name']!r}, "
-                f"this run uses {cfg.tokenizer.name!r}; resume with "
-                f"tokenizer.name={tokenizer['name']}"
+                f"this run uses {cfg.tokenizer.name!r}; resume with {resume_with}"
             )
         current = {**OmegaConf.to_container(cfg.model), "vocab_size": saved.vocab_size}
         check_same_model(saved.to_dict(), current)
@@ -328,7 +336,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         tokenizer=OmegaConf.to_container(cfg.tokenizer),
         _convert_="all",
     )
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]  # key=null: off
+    # ~callbacks leaves them all out, callbacks.<key>=null one of them.
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     for callback in callbacks:
         if isinstance(callback, InspectionLogger):
             callback.check_sample_prompt(datamodule.tokenizer, model_config.context_length)
@@ -353,7 +362,8 @@ def discarded_if_refused(made_before_training: Callable[[], set[str]] = set) -> 
     """Remove the run's folder if what runs inside fails while the folder holds only what Hydra
     wrote in it: its config copy (``.hydra/``) and an empty log. Hydra makes those before any
     llm code runs, so every run refused for a bad setting would leave such a folder behind. A
-    folder that held anything more on entry (a rerun's, say) is left alone.
+    folder that held anything more on entry (a rerun's, say) is left alone. So are the folders
+    above it, but those Hydra made for this run alone (``outputs/<date>/``).
 
     ``made_before_training`` names, at the failure, what else the run itself made there while
     it has trained no step (the logger's folder, holding only the config it logged): a run whose
@@ -372,11 +382,23 @@ def discarded_if_refused(made_before_training: Callable[[], set[str]] = set) -> 
     fresh = only_what_hydra_wrote() and not (log_file.is_file() and log_file.stat().st_size)
     # Never the folder the run started in (hydra.run.dir=.), or one a link leads to.
     fresh = fresh and not folder.is_symlink() and not Path.cwd().is_relative_to(folder)
+    # The folders Hydra made above it for this run alone (the date in outputs/<date>/<time>),
+    # inside the folder the run started in: each holds only the one below.
+    made_above = []
+    for above in folder.parents:
+        if above == Path.cwd() or not above.is_relative_to(Path.cwd()):
+            break
+        if [path.name for path in above.iterdir()] != [(made_above or [folder])[-1].name]:
+            break
+        made_above.append(above)
     try:
         yield
     except BaseException:
         if fresh and only_what_hydra_wrote(made_before_training()):
             shutil.rmtree(folder, ignore_errors=True)
+            with suppress(OSError):  # one that something else wrote in since stays
+                for above in made_above:
+                    above.rmdir()
         raise
 
 

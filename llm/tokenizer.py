@@ -6,7 +6,8 @@ Three ways to get one, all through ``load_tokenizer``:
   ...), downloaded by tiktoken on first use and cached (``TIKTOKEN_CACHE_DIR`` is honoured);
 - from a local ranks file in tiktoken's format (``base64(token) rank`` per line), read with
   GPT-2's split pattern and ``<|endoftext|>`` as the id after the last rank, so that an offline
-  machine can use GPT-2 from a copy of ``gpt2.tiktoken``;
+  machine can use GPT-2 from a copy of ``gpt2.tiktoken`` (or a BPE of its own, named as the
+  user likes; not the tiktoken encodings that split text otherwise, such as ``cl100k_base``);
 - ``bytes``: 256 byte tokens plus ``<|endoftext|>``, built in code, needing no download.
 
 Training exposes the first two as the config keys ``tokenizer.name`` and ``tokenizer.path``;
@@ -30,6 +31,10 @@ ENDOFTEXT = "<|endoftext|>"
 # GPT-2's pre-tokenizer: the regex that cuts text into words, numbers, punctuation runs and
 # whitespace before byte-pair merging. tiktoken's gpt2 and r50k_base encodings use it.
 GPT2_SPLIT_PATTERN = r50k_pat_str
+# The tiktoken encodings a ranks file read the GPT-2 way reproduces: GPT-2's split pattern and
+# <|endoftext|> after the last rank. The others (p50k_base, cl100k_base, o200k_base, ...) split
+# text differently or number their special tokens elsewhere.
+GPT2_STYLE_ENCODINGS = ("gpt2", "r50k_base")
 
 
 class TokenizerError(ValueError):
@@ -118,6 +123,12 @@ def load_tokenizer(
                 f"the bytes tokenizer has no ranks file: drop {options.path}"
                 + (f", or name the encoding the file holds ({name_it})" if name_it else "")
             )
+        if name in tiktoken.list_encoding_names() and name not in GPT2_STYLE_ENCODINGS:
+            raise TokenizerError(
+                f"a ranks file is read as GPT-2 reads its own (its split pattern, "
+                f"<|endoftext|> after the last rank), which would not encode like {name!r}: "
+                f"{_offline_choice(name, options)}"
+            )
         return Tokenizer(_encoding_from_ranks_file(Path(path), name, options))
     if name == "bytes":
         return Tokenizer(_bytes_encoding())
@@ -138,9 +149,23 @@ def load_tokenizer(
     except Exception as err:  # tiktoken raises whatever its HTTP client or cache raises
         raise TokenizerError(
             f"could not download the {name!r} tokenizer ({type(err).__name__}: {err}); "
-            f"offline, give a local ranks file, "
-            f"{options.setting(options.path, f'/path/to/{name}.tiktoken')}{options.or_bytes()}"
+            f"offline, {_offline_choice(name, options)}"
         ) from None
+
+
+def _offline_choice(name: str, options: TokenizerOptions) -> str:
+    """What to use instead of downloading the tiktoken encoding ``name``."""
+    if name in GPT2_STYLE_ENCODINGS:
+        ranks_file = options.setting(options.path, f"/path/to/{name}.tiktoken")
+        return f"give a local ranks file, {ranks_file}{options.or_bytes()}"
+    # Only tiktoken's own download cache holds such an encoding whole.
+    from_cache = (
+        f"set TIKTOKEN_CACHE_DIR to a copy of the cache of a machine that downloaded {name!r}"
+    )
+    if options.name is None:  # a model named it: nothing else can stand in
+        return from_cache
+    gpt2 = options.setting(options.name, "gpt2")
+    return f"{from_cache}, or use {gpt2} with {options.setting(options.path, 'gpt2.tiktoken')}"
 
 
 def _bytes_encoding() -> tiktoken.Encoding:

@@ -159,6 +159,11 @@ class GPTLightningModule(L.LightningModule):
             # so the last step is checkpointed and logged (unless a validation was due anyway).
             self.trainer.should_stop = True
 
+    def on_validation_start(self) -> None:
+        # A NaN loss since the last check would reach validation, and the inspection after it
+        # would sample from NaN probabilities: stop here instead, with the same message.
+        self.check_finite()
+
     def on_validation_epoch_start(self) -> None:
         # Under bf16-true or 16-true Lightning casts the whole module, these sums too: bf16 sums
         # of thousands of tokens' losses round badly, and fp16 ones overflow.

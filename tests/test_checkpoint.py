@@ -17,6 +17,7 @@ from llm.callbacks import AtomicCheckpointIO
 from llm.checkpoint import (
     load_model,
     load_model_and_tokenizer,
+    model_from_weights,
     save_hf,
     save_model,
     training_checkpoint_config,
@@ -76,12 +77,14 @@ def test_safetensors_round_trip_keeps_config_tokenizer_weights_and_tying(tmp_pat
     assert (loaded.lm_head.weight is loaded.token_embedding.weight) == tie_embeddings
 
 
-def test_hugging_face_folder_loads_with_the_gpt2_tokenizer(tmp_path):
-    model = tiny_model()
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_hugging_face_folder_loads_with_the_gpt2_tokenizer(tmp_path, tie_embeddings):
+    model = tiny_model(tie_embeddings=tie_embeddings)
     save_hf(model, tmp_path / "hf")
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
     loaded, tokenizer = load_model(tmp_path / "hf")
     assert tokenizer == {"name": "gpt2", "path": None}
+    assert loaded.config == model.config
     assert same_logits(model, loaded)
 
 
@@ -159,6 +162,12 @@ def test_a_torch_file_that_is_not_a_training_checkpoint_is_refused(tmp_path):
     torch.save(tiny_model().state_dict(), tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="is not an llm training checkpoint"):
         load_model(tmp_path / "weights.pt")
+    write_training_checkpoint(tiny_model(), tmp_path / "other.ckpt")  # another module's hparams
+    checkpoint = torch.load(tmp_path / "other.ckpt", weights_only=True)
+    del checkpoint["hyper_parameters"]["model"]
+    torch.save(checkpoint, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="with 'model' and 'tokenizer'"):
+        load_model(tmp_path / "other.ckpt")
 
 
 def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
@@ -169,6 +178,19 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     torch.save(checkpoint, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match=r"do not fit the model's config .*missing blocks\.2"):
         load_model(tmp_path / "bad.ckpt")
+
+
+def test_weights_of_other_shapes_or_names_are_refused_and_the_rest_load_as_float32():
+    model = tiny_model()
+    weights = {name: t.bfloat16() for name, t in model.state_dict().items()}
+    loaded = model_from_weights(model.config, weights, "here")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    for name, tensor, problem in [
+        ("final_norm.weight", torch.ones(3), r"final_norm\.weight has shape \(3,\), not \(16,\)"),
+        ("loss_fn.weight", torch.ones(3), r"unexpected loss_fn\.weight"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^here: the weights do not fit .*{problem}"):
+            model_from_weights(model.config, {**weights, name: tensor}, "here")
 
 
 def test_a_bad_config_in_a_checkpoint_is_refused(tmp_path):
@@ -215,7 +237,17 @@ def test_a_safetensors_header_length_that_starts_like_a_pickle_still_loads(tmp_p
     assert same_logits(model, load_model(tmp_path / "padded.safetensors")[0])
 
 
-@pytest.mark.parametrize("spec", [{"nme": "bytes"}, {"path": None}, {"name": 5}, ["bytes"]])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"nme": "bytes"},
+        {"path": None},
+        {"name": 5},
+        ["bytes"],
+        {"name": "bytes", "path": None, "x": 1},
+        {"name": "bytes", "path": 5},
+    ],
+)
 def test_a_garbled_tokenizer_in_a_model_file_is_refused(tmp_path, spec):
     write_training_checkpoint(tiny_model(), tmp_path / "bad.ckpt")
     checkpoint = torch.load(tmp_path / "bad.ckpt", weights_only=True)

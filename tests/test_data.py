@@ -194,9 +194,9 @@ def test_interrupted_preparation_leaves_no_files(
 
     monkeypatch.setattr(bytes_tok, "encode_array", failing_encode)
     with pytest.raises(type(interrupt)):
-        prepare(str(text_file), bytes_tok, tmp_path / "data", num_threads=1)
+        prepare(str(text_file), bytes_tok, tmp_path / "data" / "here", num_threads=1)
     assert calls >= 5
-    assert list((tmp_path / "data").iterdir()) == []  # not even the folder it made
+    assert not (tmp_path / "data").exists()  # not even the folders it made
 
 
 # --- Bad input -------------------------------------------------------------------------------
@@ -207,6 +207,15 @@ def test_missing_file_or_folder(tmp_path: Path, bytes_tok: Tokenizer) -> None:
         prepare(str(tmp_path / "missing.txt"), bytes_tok, tmp_path / "data")
     with pytest.raises(FileNotFoundError, match="not found"):
         prepare(str(tmp_path / "missing_folder/"), bytes_tok, tmp_path / "data")
+
+
+def test_an_empty_source_is_not_the_current_folder(
+    tmp_path: Path, bytes_tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("a text file in the current folder " * 20)
+    with pytest.raises(FileNotFoundError, match="source '' not found: give a text file"):
+        prepare("", bytes_tok, tmp_path / "data")
 
 
 def test_empty_folder(tmp_path: Path, bytes_tok: Tokenizer) -> None:
@@ -339,7 +348,7 @@ def test_download_with_wrong_checksum_caches_nothing(
     use_remote(monkeypatch, f"{base}/input.txt", "0" * 64)
     with pytest.raises(DataError, match=r"has SHA-256 .* expected 0+; .*local file path"):
         prepare("tinyshakespeare", bytes_tok, tmp_path / "data")
-    assert not any(p.is_file() for p in (tmp_path / "data").rglob("*"))
+    assert not (tmp_path / "data").exists()  # nor the folders made for it
 
 
 def test_failed_download_names_the_fallback(
@@ -356,7 +365,7 @@ def test_failed_download_names_the_fallback(
         use_remote(monkeypatch, url, "0" * 64)
         with pytest.raises(DataError, match=r"could not download .*local file path as the source"):
             prepare("tinyshakespeare", bytes_tok, tmp_path / "data")
-        assert not any(p.is_file() for p in (tmp_path / "data").rglob("*"))
+        assert not (tmp_path / "data").exists()  # nor the folders made for it
 
 
 # --- Datasets --------------------------------------------------------------------------------

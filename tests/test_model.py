@@ -148,6 +148,31 @@ def test_token_ids_outside_vocabulary_raise(bad_id):
         GPT(TINY)(idx)
 
 
+def test_targets_outside_vocabulary_raise_but_ignored_ones_pass():
+    model = GPT(TINY)
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    targets = torch.tensor([[1, 2, -100, 3]])
+    _, loss = model(idx, targets)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match=r"Targets must lie in \[0, 100\) \(or -100, ignored\)"):
+        model(idx, torch.tensor([[1, 2, 100, 3]]))
+    with pytest.raises(ValueError, match=r"Targets must have the token ids' shape \(1, 4\)"):
+        model(idx, targets[:, :3])
+
+
+@pytest.mark.parametrize(
+    ("idx", "problem"),
+    [
+        (torch.rand(1, 4), r"must be integers \(torch.long\), got torch.float32"),
+        (torch.zeros(1, 0, dtype=torch.long), r"with at least one token, got \(1, 0\)"),
+        (torch.zeros(4, dtype=torch.long), r"must have shape \(batch, tokens\)"),
+    ],
+)
+def test_token_ids_of_the_wrong_kind_raise(idx, problem):
+    with pytest.raises(ValueError, match=problem):
+        GPT(TINY)(idx)
+
+
 def test_flops_per_token_follows_palm_formula():
     model = GPT(GPTConfig.from_preset("gpt2"))
     expected = 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 12 * 64 * 1024

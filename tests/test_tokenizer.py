@@ -121,3 +121,17 @@ def test_failed_download_names_the_offline_options(monkeypatch: pytest.MonkeyPat
     message = str(info.value)
     assert "tokenizer.path=" in message and "tokenizer.name=bytes" in message
     assert "network is unreachable" in message and "\n" not in message
+    # A ranks file read the GPT-2 way cannot stand in for an encoding that splits otherwise.
+    with pytest.raises(TokenizerError) as info:
+        load_tokenizer("cl100k_base")
+    assert "TIKTOKEN_CACHE_DIR" in str(info.value)
+    assert "cl100k_base.tiktoken" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["p50k_base", "cl100k_base", "o200k_base"])
+def test_a_ranks_file_cannot_stand_in_for_an_encoding_that_splits_otherwise(
+    tiny_ranks_file: Path, name: str
+) -> None:
+    with pytest.raises(TokenizerError, match=rf"would not encode like '{name}'.*gpt2\.tiktoken$"):
+        load_tokenizer(name, path=tiny_ranks_file)
+    assert load_tokenizer("r50k_base", path=tiny_ranks_file).name == "r50k_base"

@@ -581,9 +581,11 @@ def test_compiled_training_keeps_checkpoint_names_and_inspects_eagerly(corpus, t
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
+@pytest.mark.parametrize("check_finite_every", [1, 50])  # 50: the validation finds it first
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, check_finite_every):
     run_dir = tmp_path / "run"
-    cfg = compose_run(tiny_overrides(corpus, run_dir, "module.check_finite_every=1"), run_dir)
+    check = f"module.check_finite_every={check_finite_every}"
+    cfg = compose_run(tiny_overrides(corpus, run_dir, check), run_dir)
     with open_dict(cfg):
         cfg.callbacks.poison = {"_target_": f"{__name__}.PoisonAtStep", "step": 4}
     with pytest.raises(NonFiniteLossError, match="NaN or infinite") as raised:
@@ -633,6 +635,12 @@ def test_a_resume_or_rerun_that_cannot_work_fails_clearly(corpus, tmp_path):
     prepared = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")}
     with pytest.raises(ValueError, match="tokenizer 'bytes', this run uses 'gpt2'"):
         train_tiny(corpus, tmp_path / "other", "tokenizer.name=gpt2", *resume)
+    # The ranks file that came with the other name goes too.
+    ranks_file = f"tokenizer.path={tmp_path / 'gpt2.tiktoken'}"
+    with pytest.raises(
+        ValueError, match=r"resume with tokenizer\.name=bytes tokenizer\.path=null$"
+    ):
+        train_tiny(corpus, tmp_path / "other", "tokenizer.name=gpt2", ranks_file, *resume)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")} == prepared
 
 
@@ -642,6 +650,20 @@ def test_a_callback_set_to_null_is_left_out(corpus, tmp_path):
     _, _, trainer = build(cfg)
     assert any(isinstance(c, GracefulStop) for c in trainer.callbacks)
     assert not any(c is None or isinstance(c, InspectionLogger) for c in trainer.callbacks)
+    # The fix Hydra's refusal of callbacks=null suggests leaves them all out.
+    overrides = [o for o in tiny_overrides(corpus, run_dir) if not o.startswith("callbacks.")]
+    cfg = compose_run([*overrides, "~callbacks"], run_dir)
+    _, _, trainer = build(cfg)
+    assert not any(isinstance(c, (GracefulStop, InspectionLogger)) for c in trainer.callbacks)
+
+
+def test_gradient_clipping_turns_off_with_null_as_in_lightning(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_run(tiny_overrides(corpus, run_dir, "trainer.gradient_clip_val=null"), run_dir)
+    assert build(cfg)[2].gradient_clip_val is None
+    cfg = compose_run(tiny_overrides(corpus, run_dir, "trainer.gradient_clip_val=-1"), run_dir)
+    with pytest.raises(ValueError, match=r"trainer\.gradient_clip_val must be null or 0"):
+        build(cfg)
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -939,13 +961,14 @@ def test_a_resume_takes_the_configs_learning_rate_betas_and_weight_decay(tmp_pat
     first.fit(tiny_module(), train_dataloaders=token_batches(2, B))
     first.save_checkpoint(checkpoint)
     options = {"learning_rate": 2e-3, "min_lr": 1e-4, "betas": (0.8, 0.9), "weight_decay": 0.2}
-    module, logger = tiny_module(warmup_steps=4, **options), RecordMetrics()
-    resumed = cpu_trainer(max_steps=4, log_every_n_steps=1, logger=logger)
-    resumed.fit(module, train_dataloaders=token_batches(4, B), ckpt_path=checkpoint)
+    module, logger = tiny_module(warmup_steps=3, **options), RecordMetrics()
+    resumed = cpu_trainer(max_steps=6, log_every_n_steps=1, logger=logger)
+    resumed.fit(module, train_dataloaders=token_batches(6, B), ckpt_path=checkpoint)
     lr_at = {step: m["train/lr"] for step, m in logger.logged.items() if "train/lr" in m}
-    assert sorted(lr_at) == [2, 3]  # the two steps after the checkpoint's
-    for step, lr in lr_at.items():
-        assert lr == pytest.approx(2e-3 * warmup_cosine(step, 4, 4, 1e-4 / 2e-3), rel=1e-6)
+    assert sorted(lr_at) == [2, 3, 4, 5]  # the steps after the checkpoint's
+    for step, lr in lr_at.items():  # warmup, then cosine decay towards min_lr
+        assert lr == pytest.approx(2e-3 * warmup_cosine(step, 3, 6, 1e-4 / 2e-3), rel=1e-6)
+    assert lr_at[5] == pytest.approx(1e-4 + (2e-3 - 1e-4) * 0.25, rel=1e-6)  # 2/3 of the decay
     decayed, others = resumed.optimizers[0].param_groups
     assert decayed["betas"] == others["betas"] == (0.8, 0.9)
     assert (decayed["weight_decay"], others["weight_decay"]) == (0.2, 0.0)
@@ -964,6 +987,46 @@ def test_the_validation_loss_is_the_mean_over_every_token(precision):
     with torch.no_grad():
         losses = [module.model(x, y)[1].double() for x, y in loader]
     assert logged["val/loss"] == pytest.approx(float(sum(losses) / batches), rel=1e-5)
+
+
+def test_a_diverged_model_is_never_saved():
+    module = tiny_module()
+    module.trainer = SimpleNamespace(world_size=1, global_step=5)
+    module.nonfinite_losses += 1
+    with pytest.raises(NonFiniteLossError, match="by step 5"):
+        module.on_save_checkpoint({})
+
+
+class NaNLossAtStep(L.Callback):
+    """Makes the loss of one step NaN, leaving the weights alone (the NaN has no gradient)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        forward = pl_module.model.forward
+        nan = torch.tensor(float("nan"))
+        if trainer.global_step == self.step:
+            pl_module.model_forward = lambda x, y: (
+                None,
+                torch.where(nan.isnan(), nan, forward(x, y)[1]),
+            )
+        else:
+            pl_module.model_forward = forward
+
+
+def test_a_nan_loss_of_one_step_is_caught_by_a_later_check():
+    module = tiny_module(check_finite_every=4)
+    trainer = cpu_trainer(max_steps=8, logger=False, callbacks=[NaNLossAtStep(1)])
+    with pytest.raises(NonFiniteLossError, match="by step 4"):
+        trainer.fit(module, train_dataloaders=token_batches(8, 4))
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # only the loss was NaN
+
+
+def test_a_schedule_without_max_steps_is_refused():
+    trainer = cpu_trainer(max_steps=-1, max_epochs=1, logger=False)
+    with pytest.raises(ValueError, match=r"Set trainer\.max_steps > 0"):
+        trainer.fit(tiny_module(), train_dataloaders=token_batches(2, 4))
 
 
 def test_checkpoints_carry_the_generator_of_the_gpu_that_trains(monkeypatch):
@@ -1017,6 +1080,7 @@ def test_warmup_then_cosine_to_min_lr():
         warmup_cosine(step, warmup_steps=10, max_steps=110, min_lr_ratio=0.1) for step in range(121)
     ]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert max(factors) == pytest.approx(1.0) and factors[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in pairwise(factors[10:]))  # never rises
     assert factors[60] == pytest.approx(0.55) and factors[110] == pytest.approx(0.1)
     assert factors[120] == pytest.approx(0.1)
@@ -1127,8 +1191,8 @@ def test_fused_optimizer_with_bf16_clips_gradients(fused_adamw):
 class CountHostReads(L.Callback):
     """Counts reads of tensor values on the host (``item``, ``bool``, ``float``, ``int``,
     ``tolist``: each one waits for the GPU there) from the start of training to its end,
-    validation included. The model's check of CPU token ids (``GPT._embed``, skipped on
-    accelerators) is not counted."""
+    validation included. The model's check of CPU token ids and targets
+    (``GPT._check_in_vocabulary``, skipped on accelerators) is not counted."""
 
     READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
 
@@ -1144,7 +1208,7 @@ class CountHostReads(L.Callback):
 
     def counted(self, read: Callable[..., object]) -> Callable[..., object]:
         def counted_read(tensor: torch.Tensor) -> object:
-            if sys._getframe(1).f_code is not GPT._embed.__code__:
+            if sys._getframe(1).f_code is not GPT._check_in_vocabulary.__code__:
                 self.reads += 1
             return read(tensor)
 
@@ -1179,6 +1243,7 @@ def test_training_steps_read_the_device_only_every_few_steps(fused_adamw):
     reads, module, logger = count_host_reads(val_batches=6)
     assert reads <= (4 + 4) * 10, reads  # some values at each of 4 logging steps and validations
     assert count_host_reads(val_batches=2)[0] == reads  # none per validation batch
+    assert module.flops_per_batch == module.flops_per_token * 4 * TINY_CONTEXT  # B=4
     assert sorted(s for s, m in logger.logged.items() if "train/loss" in m) == [9, 19, 29, 39]
     factor = warmup_cosine(39, module.warmup_steps, 40, module.min_lr / module.learning_rate)
     assert logger.logged[39]["train/lr"] == pytest.approx(module.learning_rate * factor, rel=1e-6)
@@ -1242,6 +1307,24 @@ def test_a_refused_run_removes_only_a_folder_of_hydras_own_files(
             (run_dir / written_later).mkdir()
         raise ValueError("refused")
     assert run_dir.exists() != removed
+
+
+@pytest.mark.parametrize("earlier_run", [False, True])
+def test_a_refused_run_removes_the_date_folder_made_for_it_alone(
+    corpus, tmp_path, monkeypatch, earlier_run
+):
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "outputs" / "2026-11-26" / "12-00-00"  # Hydra's default layout
+    compose_run(tiny_overrides(corpus, run_dir), run_dir)
+    (run_dir / ".hydra").mkdir(parents=True)
+    if earlier_run:
+        (run_dir.parent / "11-00-00").mkdir()
+    with pytest.raises(ValueError), discarded_if_refused():
+        raise ValueError("refused")
+    assert not run_dir.exists()
+    assert (tmp_path / "outputs").exists() == earlier_run
+    assert (run_dir.parent / "11-00-00").is_dir() == earlier_run
+    assert corpus.is_file()  # the folder the run started in stays, with what it holds
 
 
 @pytest.mark.parametrize("trained", [False, True])
