@@ -190,6 +190,8 @@ def test_dropout_only_acts_in_training(step):
     assert torch.equal(attn(x), attn(x))
     attn.train()
     assert not torch.allclose(attn(x), attn(x))
+    if step == "fused":  # the path that also returns the weights (for inspection) drops too
+        assert not torch.allclose(attn(x, return_weights=True)[0], attn(x, return_weights=True)[0])
 
 
 def test_fused_module_passes_gradcheck_in_float64():

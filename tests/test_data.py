@@ -251,9 +251,12 @@ def test_glob_that_matches_nothing(tmp_path: Path, bytes_tok: Tokenizer) -> None
         prepare(str(tmp_path / "*.nothing"), bytes_tok, tmp_path / "data")
 
 
-def test_bad_val_fraction(tmp_path: Path, text_file: Path, bytes_tok: Tokenizer) -> None:
+@pytest.mark.parametrize("val_fraction", [0.0, 1.0])
+def test_bad_val_fraction(
+    tmp_path: Path, text_file: Path, bytes_tok: Tokenizer, val_fraction: float
+) -> None:
     with pytest.raises(DataError, match="val_fraction must be between 0 and 1"):
-        prepare(str(text_file), bytes_tok, tmp_path / "data", val_fraction=1.0)
+        prepare(str(text_file), bytes_tok, tmp_path / "data", val_fraction=val_fraction)
 
 
 def test_corpus_shorter_than_one_window(tmp_path: Path, bytes_tok: Tokenizer) -> None:
@@ -418,6 +421,23 @@ def test_val_windows_cover_the_val_split(prepared: Path) -> None:
     xs = torch.cat([val[j][0] for j in range(len(val))])
     ys = torch.cat([val[j][1] for j in range(len(val))])
     assert torch.equal(xs, tokens[: len(xs)]) and torch.equal(ys, tokens[1 : len(ys) + 1])
+
+
+def test_val_windows_are_whole_for_every_context_length_the_split_allows(prepared: Path) -> None:
+    num_tokens = len(read_tokens(prepared, "val"))
+    for context_length in (1, 2, 3, num_tokens // 2, num_tokens - 1):  # 1 divides it exactly
+        val = ValWindows(prepared, context_length)
+        assert len(val) == (num_tokens - 1) // context_length
+        assert val[len(val) - 1][1].shape == (context_length,)  # the last target is in the split
+        with pytest.raises(IndexError):
+            val[len(val)]
+    with pytest.raises(DataError, match=f"has {num_tokens} tokens, fewer than one window"):
+        ValWindows(prepared, num_tokens)  # a window is context_length + 1 tokens
+
+
+def test_each_side_of_a_split_of_documents_gets_at_least_one() -> None:
+    assert data.val_documents(2, 0.9) == 1 and data.val_documents(2, 0.01) == 1
+    assert data.val_documents(10, 0.3) == 3
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

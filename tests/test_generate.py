@@ -68,6 +68,17 @@ def test_same_seed_reproduces_sampling_and_another_seed_differs():
     assert not torch.equal(sample(0), sample(1))
 
 
+def test_temperature_sharpens_or_flattens_and_zero_is_greedy_whatever_else_is_set():
+    logits = torch.tensor([[0.0, 1.0]]).expand(1000, 2)
+    cold = sample_next_token(logits, temperature=0.01, generator=seeded())
+    assert (cold == 1).all()  # e^100 to 1
+    hot = sample_next_token(logits, temperature=100.0, generator=seeded())
+    assert 400 < int((hot == 1).sum()) < 600  # e^0.01 to 1: close to a coin flip
+    model, idx = tiny_model(), prompt(batch=2)
+    greedy = generate_tokens(model, idx, 10, temperature=0)
+    assert torch.equal(generate_tokens(model, idx, 10, temperature=0, top_k=5, top_p=0.5), greedy)
+
+
 def test_top_k_1_equals_greedy():
     model, idx = tiny_model(), prompt(batch=2)
     greedy = generate_tokens(model, idx, 10, temperature=0)
@@ -163,11 +174,13 @@ def test_prompt_filling_the_whole_context_still_generates():
 
 
 def test_generation_stops_when_every_row_has_produced_the_end_of_text_token():
-    model, idx = tiny_model(), prompt(batch=2)
+    model = tiny_model()
+    idx = torch.randint(0, 256, (2, 5), generator=seeded(19))  # rows that start differently
     greedy = generate_tokens(model, idx, 6, temperature=0)[:, 5:]  # (2, 6)
     eot = int(greedy[0, 0])  # the first row's first token ends it at once
     tokens = torch.stack(list(generate(model, idx, 6, temperature=0, eot_token=eot)), dim=1)
     row1_end = next((i for i, t in enumerate(greedy[1].tolist()) if t == eot), 5)
+    assert row1_end > 0 and (greedy[0, 1:] != eot).any()  # else the test would prove nothing
     assert tokens.shape == (2, row1_end + 1)
     assert (tokens[0] == eot).all()  # a finished row yields end-of-text from then on
     assert torch.equal(tokens[1], greedy[1, : row1_end + 1])

@@ -130,6 +130,8 @@ def test_the_four_gpt2_presets_map_to_the_released_gpt2_configs(preset):
         assert getattr(exported, key) == getattr(released, key), key
     assert exported.n_inner is None and released.n_inner is None  # both 4 * n_embd
     assert from_hf_config(released.to_dict()) == replace(ours, dropout=released.resid_pdrop)
+    with_eot = to_hf_config(ours, eot_token=50256)
+    assert with_eot["bos_token_id"] == with_eot["eos_token_id"] == 50256  # GPT-2's both
 
 
 def test_openai_style_names_and_attention_mask_buffers_are_understood():

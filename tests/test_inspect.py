@@ -121,6 +121,8 @@ def test_model_attention_figures_give_one_figure_per_layer(tmp_path):
     panels = heat_maps(figures["layer_01"])
     assert len(panels) == 2
     assert tick_texts(panels[0].get_yticklabels()) == list("Hi there")
+    first_four = model_attention_figures(model, load_tokenizer("bytes"), "Hi there", max_tokens=4)
+    assert tick_texts(heat_maps(first_four["layer_00"])[0].get_yticklabels()) == list("Hi t")
     with pytest.raises(ValueError, match="the prompt is empty"):
         model_attention_figures(model, load_tokenizer("bytes"), "")
 

@@ -1,6 +1,7 @@
 """The GPT: configuration, parameter count, loss, caching, and that it can learn."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -146,6 +147,20 @@ def test_token_ids_outside_vocabulary_raise(bad_id):
     idx[0, 2] = bad_id
     with pytest.raises(ValueError, match=r"Token ids must lie in \[0, 100\)"):
         GPT(TINY)(idx)
+
+
+def test_biases_start_at_zero_and_the_embeddings_drop_out_in_training():
+    model = GPT(replace(TINY, bias=True, dropout=0.5))
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert biases and all(torch.equal(b, torch.zeros_like(b)) for b in biases if b is not None)
+    block_inputs = []
+    model.blocks[0].register_forward_pre_hook(lambda _, args: block_inputs.append(args[0]))
+    idx = torch.randint(0, 100, (2, 16))
+    model.train()(idx)
+    model.eval()(idx)
+    dropped, kept = block_inputs
+    assert (dropped == 0).float().mean() > 0.3 and (kept != 0).all()
+    assert model.new_kv_caches(4)[0].max_length == 4
 
 
 def test_targets_outside_vocabulary_raise_but_ignored_ones_pass():

@@ -131,6 +131,14 @@ def test_rope_preserves_norms_and_position_zero_is_identity():
     assert not torch.allclose(rotated[..., 1:, :], x[..., 1:, :])  # later positions do turn
 
 
+def test_rope_refuses_positions_past_its_table():
+    rope = RotaryEmbedding(head_dim=4, max_positions=8)
+    assert rope(torch.randn(1, 8, 4)).shape == (1, 8, 4)  # every position it was built for
+    assert rope(torch.randn(1, 1, 4), start=7).shape == (1, 1, 4)
+    with pytest.raises(ValueError, match="RoPE position 8 is past the 8 positions"):
+        rope(torch.randn(1, 1, 4), start=8)
+
+
 def test_rope_rotates_each_pair_by_position_times_its_frequency():
     rope = RotaryEmbedding(head_dim=4, max_positions=8, theta=100.0)
     x = torch.tensor([[1.0, 0.0, 0.0, 1.0]])  # pair 0 = (1, 0), pair 1 = (0, 1)

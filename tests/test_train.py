@@ -48,7 +48,7 @@ from llm.errors import refused_config
 from llm.generate import generate_text
 from llm.hardware import device_from_name, peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
-from llm.model import GPT
+from llm.model import GPT, GPTConfig
 from llm.run import (
     build,
     check_every_sweep_job,
@@ -987,6 +987,38 @@ def test_the_validation_loss_is_the_mean_over_every_token(precision):
     with torch.no_grad():
         losses = [module.model(x, y)[1].double() for x, y in loader]
     assert logged["val/loss"] == pytest.approx(float(sum(losses) / batches), rel=1e-5)
+
+
+class RecordInspection:
+    """Stands in for a TensorBoardLogger: what ``InspectionLogger`` gives its writer."""
+
+    def __init__(self) -> None:
+        self.figures: list[tuple[str, int]] = []
+        self.texts: list[str] = []
+        self.experiment = self
+
+    def add_figure(self, tag: str, figure: object, step: int, close: bool) -> None:
+        self.figures.append((tag, step))
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        self.texts.append(text)
+
+
+def test_inspection_probes_within_the_context_and_samples_anew_at_each_step():
+    torch.manual_seed(0)
+    model = GPT(
+        GPTConfig(vocab_size=257, context_length=TINY_CONTEXT, n_layer=1, n_head=2, n_embd=8)
+    )
+    tokenizer = load_tokenizer("bytes")
+    inspection = InspectionLogger(probe_text="x" * 50, max_probe_tokens=24, sample_tokens=16)
+    record = RecordInspection()
+    for step in (3, 6, 3):  # a probe longer than the context of 8 is cut to it
+        inspection.log_inspection(record, model, tokenizer, step)
+    assert record.figures == [("attention/layer_0", step) for step in (3, 6, 3)]
+    first, other, again = record.texts
+    assert first == again and first != other  # the sampler is seeded by the step
+    with pytest.raises(ValueError, match="max_probe_tokens >= 1"):
+        InspectionLogger(max_probe_tokens=0)
 
 
 def test_a_diverged_model_is_never_saved():
