@@ -34,12 +34,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def made_folder(path: Path) -> Iterator[None]:
     """Make the folder ``path`` (and the folders above it that are missing) for the block to
     write in. On any error or Ctrl-C, those made here that are still empty are removed again."""
-    missing = []
-    folder = path.absolute()
-    while not os.path.lexists(folder):  # ends at the root at the latest
-        missing.append(folder)
-        folder = folder.parent
-    path.mkdir(parents=True, exist_ok=True)
+    missing = _missing_folders(path)
+    path.resolve().mkdir(parents=True, exist_ok=True)
     try:
         yield
     except BaseException:
@@ -53,9 +49,8 @@ def check_folder(path: str | Path, setting: str, writing: bool = True) -> None:
     """Fail now, in one line naming the ``setting`` to change, where ``path`` cannot be a
     folder (something that is not a folder is in its way) or, if ``writing``, cannot be written
     in (the nearest folder that exists is not writable). Creates nothing."""
-    existing = Path(path).absolute()
-    while not os.path.lexists(existing):  # ends at the root at the latest
-        existing = existing.parent
+    missing = _missing_folders(Path(path))
+    existing = missing[-1].parent if missing else Path(path).resolve()
     if not existing.is_dir():
         problem = f"{existing} is not a folder"
     elif writing and not os.access(existing, os.W_OK):
@@ -63,3 +58,14 @@ def check_folder(path: str | Path, setting: str, writing: bool = True) -> None:
     else:
         return
     raise ValueError(f"cannot write in {path} ({problem}): set {setting} to a folder you can write")
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and the folders above it that do not exist, innermost first. Resolved: in
+    ``missing/../mine`` the folder above ``mine`` is the current one, not ``missing``."""
+    missing: list[Path] = []
+    folder = path.resolve()
+    while not os.path.lexists(folder):  # ends at the root at the latest
+        missing.append(folder)
+        folder = folder.parent
+    return missing

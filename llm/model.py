@@ -338,10 +338,10 @@ class GPT(nn.Module):
         logits = self.lm_head(self.final_norm(x))[..., : self.config.vocab_size]  # (B, T, V)
         if targets is None:
             return logits, None
-        if targets.shape != logits.shape[:-1]:
+        if targets.shape != logits.shape[:-1] or targets.dtype != torch.long:
             raise ValueError(
-                f"Targets must have the token ids' shape {tuple(logits.shape[:-1])}, "
-                f"got {tuple(targets.shape)}."
+                f"Targets must be torch.long of the token ids' shape {tuple(logits.shape[:-1])}, "
+                f"got {targets.dtype} of shape {tuple(targets.shape)}."
             )
         self._check_in_vocabulary(targets, "Targets", ignore_index=IGNORE_INDEX)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
@@ -371,7 +371,7 @@ class GPT(nn.Module):
                 f"got {tuple(idx.shape)}."
             )
         if idx.dtype not in (torch.long, torch.int):  # what an embedding lookup takes
-            raise ValueError(f"Token ids must be integers (torch.long), got {idx.dtype}.")
+            raise ValueError(f"Token ids must be torch.long (call .long()), got {idx.dtype}.")
         end = start + idx.size(1)
         if end > self.config.context_length:
             raise ValueError(
@@ -392,12 +392,14 @@ class GPT(nn.Module):
         if ids.device.type != "cpu" or torch.compiler.is_compiling():
             return
         real = ids[ids != ignore_index] if ignore_index is not None else ids
-        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.config.vocab_size):
+        if not real.numel():
+            return
+        low, high = int(real.min()), int(real.max())
+        if low < 0 or high >= self.config.vocab_size:
             ignored = f" (or {ignore_index}, ignored)" if ignore_index is not None else ""
             raise ValueError(
                 f"{what} must lie in [0, {self.config.vocab_size}){ignored} for this model, got "
-                f"values in [{int(real.min())}, {int(real.max())}]; was the text encoded with "
-                "another tokenizer?"
+                f"values in [{low}, {high}]; was the text encoded with another tokenizer?"
             )
 
     def num_params(self, include_position_embeddings: bool = True) -> int:

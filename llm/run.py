@@ -39,6 +39,7 @@ from llm.checkpoint import training_checkpoint_config
 from llm.checks import (
     INTEGER,
     NUMBER,
+    OPTIONAL_NUMBER,
     Check,
     check_known_keys,
     check_values,
@@ -129,7 +130,7 @@ CHECKS: list[Check] = [
     ("trainer.accumulate_grad_batches", INTEGER, positive, "a positive integer"),
     (
         "trainer.gradient_clip_val",
-        (*NUMBER, type(None)),
+        OPTIONAL_NUMBER,
         lambda v: v is None or v >= 0,
         "null or 0 (no clipping), or a positive number",
     ),
@@ -195,7 +196,9 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
             saved_path = tokenizer.get("path")
             resume_with = f"tokenizer.name={tokenizer['name']}"
             if saved_path != cfg.tokenizer.get("path"):
-                resume_with += f" tokenizer.path={saved_path if saved_path else 'null'}"
+                resume_with += (
+                    f" tokenizer.path={hydra_value(saved_path) if saved_path else 'null'}"
+                )
             raise ValueError(
                 f"ckpt_path={cfg.ckpt_path} was trained with the tokenizer {tokenizer['name']!r}, "
                 f"this run uses {cfg.tokenizer.name!r}; resume with {resume_with}"
@@ -362,8 +365,8 @@ def discarded_if_refused(made_before_training: Callable[[], set[str]] = set) -> 
     """Remove the run's folder if what runs inside fails while the folder holds only what Hydra
     wrote in it: its config copy (``.hydra/``) and an empty log. Hydra makes those before any
     llm code runs, so every run refused for a bad setting would leave such a folder behind. A
-    folder that held anything more on entry (a rerun's, say) is left alone. So are the folders
-    above it, but those Hydra made for this run alone (``outputs/<date>/``).
+    folder that held anything more on entry (a rerun's, say) is left alone. Above it, only a
+    dated folder that holds nothing else goes too (``outputs/<date>/``).
 
     ``made_before_training`` names, at the failure, what else the run itself made there while
     it has trained no step (the logger's folder, holding only the config it logged): a run whose
@@ -382,24 +385,31 @@ def discarded_if_refused(made_before_training: Callable[[], set[str]] = set) -> 
     fresh = only_what_hydra_wrote() and not (log_file.is_file() and log_file.stat().st_size)
     # Never the folder the run started in (hydra.run.dir=.), or one a link leads to.
     fresh = fresh and not folder.is_symlink() and not Path.cwd().is_relative_to(folder)
-    # The folders Hydra made above it for this run alone (the date in outputs/<date>/<time>),
-    # inside the folder the run started in: each holds only the one below.
-    made_above = []
-    for above in folder.parents:
-        if above == Path.cwd() or not above.is_relative_to(Path.cwd()):
-            break
-        if [path.name for path in above.iterdir()] != [(made_above or [folder])[-1].name]:
-            break
-        made_above.append(above)
     try:
         yield
     except BaseException:
         if fresh and only_what_hydra_wrote(made_before_training()):
             shutil.rmtree(folder, ignore_errors=True)
-            with suppress(OSError):  # one that something else wrote in since stays
-                for above in made_above:
+            with suppress(OSError):  # one that holds another run's folder stays
+                for above in dated_folders_above(folder, hydra_config):
                     above.rmdir()
         raise
+
+
+def dated_folders_above(folder: Path, hydra_config: DictConfig) -> list[Path]:
+    """The folders above a single run's ``folder`` that ``hydra.run.dir`` names by the time
+    (``outputs/${now:%Y-%m-%d}/...``), innermost first: Hydra made them for the runs of that
+    day. A sweep's folders hold its ``multirun.yaml``, and folders named otherwise may be the
+    user's: none of those."""
+    if hydra_config.mode != RunMode.RUN:
+        return []
+    template = Path(OmegaConf.to_container(hydra_config.run, resolve=False)["dir"])
+    dated = []
+    for part, above in zip(reversed(template.parts[:-1]), folder.parents, strict=False):
+        if "${now:" not in part:
+            break
+        dated.append(above)
+    return dated
 
 
 def in_sweep() -> bool:

@@ -124,10 +124,12 @@ def load_tokenizer(
                 + (f", or name the encoding the file holds ({name_it})" if name_it else "")
             )
         if name in tiktoken.list_encoding_names() and name not in GPT2_STYLE_ENCODINGS:
+            own_bpe = options.name and options.setting(options.name, "my_bpe")
             raise TokenizerError(
                 f"a ranks file is read as GPT-2 reads its own (its split pattern, "
                 f"<|endoftext|> after the last rank), which would not encode like {name!r}: "
-                f"{_offline_choice(name, options)}"
+                f"drop {options.path} and {_offline_choice(name, options)}"
+                + (f" (a BPE of your own: give it a name of its own, {own_bpe})" if own_bpe else "")
             )
         return Tokenizer(_encoding_from_ranks_file(Path(path), name, options))
     if name == "bytes":

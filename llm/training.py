@@ -182,6 +182,11 @@ class GPTLightningModule(L.LightningModule):
         loss = self.val_loss_sum.compute() / self.val_tokens.compute()  # sums over every rank
         self.val_loss_sum.reset()
         self.val_tokens.reset()
+        # Weights can turn NaN in a step whose own loss was finite. Stopped here, before the
+        # inspection samples from them and the checkpoint saves them (one read per validation,
+        # the same on every rank).
+        if not torch.isfinite(loss).item():
+            raise self.diverged("validation loss")
         self.log_dict({"val/loss": loss, "val/perplexity": loss.exp()}, prog_bar=True)
         self.log("hp_metric", loss)  # the metric TensorBoard's HParams tab shows beside the config
 
@@ -192,11 +197,15 @@ class GPTLightningModule(L.LightningModule):
         if self.trainer.world_size > 1:  # one rank stopping alone would leave the others waiting
             count = self.trainer.strategy.reduce(count.clone(), reduce_op="sum")
         if count.item():
-            raise NonFiniteLossError(
-                f"The training loss became NaN or infinite by step {self.global_step}, and "
-                "nothing was saved from it: checkpoints saved before it are kept. Try a lower "
-                "module.learning_rate, a longer module.warmup_steps, or trainer.precision=32."
-            )
+            raise self.diverged("training loss")
+
+    def diverged(self, loss: str) -> NonFiniteLossError:
+        """The error that stops a run whose ``loss`` became NaN or infinite."""
+        return NonFiniteLossError(
+            f"The {loss} became NaN or infinite by step {self.global_step}, and nothing was "
+            "saved from it: checkpoints saved before it are kept. Try a lower "
+            "module.learning_rate, a longer module.warmup_steps, or trainer.precision=32."
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite()  # a diverged model is never saved over a good checkpoint

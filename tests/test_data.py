@@ -35,6 +35,7 @@ from llm.data import (
     prepare,
     read_meta,
 )
+from llm.files import made_folder
 from llm.tokenizer import Tokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,6 +198,18 @@ def test_interrupted_preparation_leaves_no_files(
         prepare(str(text_file), bytes_tok, tmp_path / "data" / "here", num_threads=1)
     assert calls >= 5
     assert not (tmp_path / "data").exists()  # not even the folders it made
+
+
+def test_a_failed_write_removes_only_the_empty_folders_made_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()  # the user's, empty
+    with pytest.raises(RuntimeError), made_folder(Path("missing/../mine/new/deeper")):
+        assert (tmp_path / "mine" / "new" / "deeper").is_dir()
+        raise RuntimeError("the write failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # "missing" was never made
+    assert not any((tmp_path / "mine").iterdir())
 
 
 # --- Bad input -------------------------------------------------------------------------------

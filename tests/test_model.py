@@ -171,14 +171,16 @@ def test_targets_outside_vocabulary_raise_but_ignored_ones_pass():
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match=r"Targets must lie in \[0, 100\) \(or -100, ignored\)"):
         model(idx, torch.tensor([[1, 2, 100, 3]]))
-    with pytest.raises(ValueError, match=r"Targets must have the token ids' shape \(1, 4\)"):
+    with pytest.raises(ValueError, match=r"torch.long of the token ids' shape \(1, 4\), got"):
         model(idx, targets[:, :3])
+    with pytest.raises(ValueError, match=r"Targets must be torch.long .* got torch.int32 of"):
+        model(idx, targets.int())
 
 
 @pytest.mark.parametrize(
     ("idx", "problem"),
     [
-        (torch.rand(1, 4), r"must be integers \(torch.long\), got torch.float32"),
+        (torch.rand(1, 4), r"must be torch.long \(call .long\(\)\), got torch.float32"),
         (torch.zeros(1, 0, dtype=torch.long), r"with at least one token, got \(1, 0\)"),
         (torch.zeros(4, dtype=torch.long), r"must have shape \(batch, tokens\)"),
     ],

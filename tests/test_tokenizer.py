@@ -132,6 +132,15 @@ def test_failed_download_names_the_offline_options(monkeypatch: pytest.MonkeyPat
 def test_a_ranks_file_cannot_stand_in_for_an_encoding_that_splits_otherwise(
     tiny_ranks_file: Path, name: str
 ) -> None:
-    with pytest.raises(TokenizerError, match=rf"would not encode like '{name}'.*gpt2\.tiktoken$"):
+    with pytest.raises(TokenizerError) as info:
         load_tokenizer(name, path=tiny_ranks_file)
+    message = str(info.value)
+    assert (
+        f"would not encode like '{name}': drop tokenizer.path and set TIKTOKEN_CACHE_DIR" in message
+    )
+    assert "tokenizer.name=gpt2 with tokenizer.path=gpt2.tiktoken" in message
+    assert message.endswith("name of its own, tokenizer.name=my_bpe)")
+    with pytest.raises(TokenizerError) as info:  # a model names it: only the cache can help
+        load_tokenizer(name, path=tiny_ranks_file, options=MODEL_NAMED)
+    assert str(info.value).endswith(f"of a machine that downloaded '{name}'")
     assert load_tokenizer("r50k_base", path=tiny_ranks_file).name == "r50k_base"

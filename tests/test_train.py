@@ -581,14 +581,23 @@ def test_compiled_training_keeps_checkpoint_names_and_inspects_eagerly(corpus, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("check_finite_every", [1, 50])  # 50: the validation finds it first
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, check_finite_every):
+@pytest.mark.parametrize(
+    ("check_finite_every", "poison_step", "found_in"),
+    [
+        (1, 4, "training loss"),
+        (50, 4, "training loss"),  # the validation at step 6 checks the training losses
+        (50, 6, "validation loss"),  # weights NaN since the last step: no training loss shows
+    ],
+)
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    corpus, tmp_path, check_finite_every, poison_step, found_in
+):
     run_dir = tmp_path / "run"
     check = f"module.check_finite_every={check_finite_every}"
     cfg = compose_run(tiny_overrides(corpus, run_dir, check), run_dir)
     with open_dict(cfg):
-        cfg.callbacks.poison = {"_target_": f"{__name__}.PoisonAtStep", "step": 4}
-    with pytest.raises(NonFiniteLossError, match="NaN or infinite") as raised:
+        cfg.callbacks.poison = {"_target_": f"{__name__}.PoisonAtStep", "step": poison_step}
+    with pytest.raises(NonFiniteLossError, match=f"The {found_in} became NaN or inf") as raised:
         train(cfg)
     suggested = re.findall(r"(?:module|trainer)\.\w+", str(raised.value))
     assert len(suggested) == 3 and all(OmegaConf.select(cfg, key) for key in suggested)
@@ -1348,15 +1357,25 @@ def test_a_refused_run_removes_the_date_folder_made_for_it_alone(
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "outputs" / "2026-11-26" / "12-00-00"  # Hydra's default layout
     compose_run(tiny_overrides(corpus, run_dir), run_dir)
+    with read_write(HydraConfig.get()):
+        HydraConfig.get().mode = RunMode.RUN
     (run_dir / ".hydra").mkdir(parents=True)
     if earlier_run:
         (run_dir.parent / "11-00-00").mkdir()
     with pytest.raises(ValueError), discarded_if_refused():
         raise ValueError("refused")
     assert not run_dir.exists()
-    assert (tmp_path / "outputs").exists() == earlier_run
-    assert (run_dir.parent / "11-00-00").is_dir() == earlier_run
-    assert corpus.is_file()  # the folder the run started in stays, with what it holds
+    assert (tmp_path / "outputs").is_dir()  # not named by the time: it may be the user's
+    assert (run_dir.parent / "11-00-00").is_dir() == run_dir.parent.is_dir() == earlier_run
+    # A folder of the user's, named in hydra.run.dir as it is, stays.
+    mine = tmp_path / "experiments" / "run1"
+    compose_run(tiny_overrides(corpus, mine, f"hydra.run.dir={mine}"), mine)
+    with read_write(HydraConfig.get()):
+        HydraConfig.get().mode = RunMode.RUN
+    (mine / ".hydra").mkdir(parents=True)
+    with pytest.raises(ValueError), discarded_if_refused():
+        raise ValueError("refused")
+    assert not mine.exists() and mine.parent.is_dir()
 
 
 @pytest.mark.parametrize("trained", [False, True])
