@@ -257,6 +257,18 @@ def test_a_garbled_tokenizer_in_a_model_file_is_refused(tmp_path, spec):
         load_model(tmp_path / "bad.ckpt")
 
 
+def test_a_given_ranks_file_stands_in_for_the_one_the_model_names(tmp_path, tiny_ranks_file):
+    vocab_size = len(tiny_ranks_file.read_bytes().splitlines()) + 1  # <|endoftext|> last
+    named = {"name": "tiny", "path": str(tmp_path / "gone.tiktoken")}  # moved since training
+    save_model(tiny_model(vocab_size=vocab_size), tmp_path / "model.safetensors", named)
+    _, tokenizer = load_model_and_tokenizer(
+        tmp_path / "model.safetensors", tokenizer_path=str(tiny_ranks_file)
+    )
+    assert tokenizer.name == "tiny" and tokenizer.vocab_size == vocab_size
+    with pytest.raises(FileNotFoundError, match=r"gone\.tiktoken not found"):
+        load_model_and_tokenizer(tmp_path / "model.safetensors")
+
+
 def test_a_model_and_a_tokenizer_of_other_vocabularies_are_refused(tmp_path):
     save_model(tiny_model(), tmp_path / "model.safetensors", BYTES)
     model, tokenizer = load_model_and_tokenizer(tmp_path / "model.safetensors")
