@@ -404,7 +404,7 @@ def dated_folders_above(folder: Path, hydra_config: DictConfig) -> list[Path]:
     if hydra_config.mode != RunMode.RUN:
         return []
     template = Path(OmegaConf.to_container(hydra_config.run, resolve=False)["dir"])
-    dated = []
+    dated: list[Path] = []
     for part, above in zip(reversed(template.parts[:-1]), folder.parents, strict=False):
         if "${now:" not in part:
             break
