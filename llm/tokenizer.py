@@ -50,9 +50,9 @@ class Tokenizer:
     preparation does between documents.
     """
 
-    def __init__(self, encoding: tiktoken.Encoding, name: str | None = None) -> None:
+    def __init__(self, encoding: tiktoken.Encoding) -> None:
         self.encoding = encoding
-        self.name: str = name or encoding.name
+        self.name: str = encoding.name
         self.vocab_size: int = encoding.n_vocab
         self.eot_token: int = encoding.eot_token
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 from hydra.utils import instantiate
 
-from llm.errors import one_line_errors
+from llm.errors import one_line_errors, sentence
 
 
 def test_running_out_of_memory_is_one_line_and_other_runtime_errors_are_bugs(capsys):
@@ -47,3 +47,12 @@ def test_output_cut_short_by_its_reader_ends_quietly():
     process.stdout.close()  # the reader goes away
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=60) == 1 and stderr == ""
+
+
+def test_a_message_ends_as_a_sentence_unless_it_ends_in_punctuation():
+    assert [sentence(t) for t in (" no stop ", "a question?", "a list:", "done.")] == [
+        "no stop.",
+        "a question?",
+        "a list:",
+        "done.",
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,13 @@ def test_special_token_text_is_plain_text() -> None:
     assert tok.eot_token not in ids
     assert ids == list(b"a<|endoftext|>b")
     assert tok.encode_array("a<|endoftext|>b").tolist() == ids
+
+
+def test_blank_lines_in_a_ranks_file_are_skipped(tiny_ranks_file: Path) -> None:
+    with_blanks = tiny_ranks_file.with_name("blanks.tiktoken")
+    with_blanks.write_bytes(b"\n" + tiny_ranks_file.read_bytes() + b"\n\n")
+    tokenizer = load_tokenizer("tiny", path=with_blanks)
+    assert tokenizer.vocab_size == load_tokenizer("tiny", path=tiny_ranks_file).vocab_size
 
 
 def test_ranks_file_tokenizer(tiny_ranks_file: Path, tiny_tokenizer: Tokenizer) -> None:
@@ -71,7 +79,13 @@ def test_the_bytes_tokenizer_takes_no_ranks_file(tiny_ranks_file: Path) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    [b"not base64 at all\n", b"YQ== zero\n", b"YQ== 0\n"],  # bad line, bad rank, incomplete
+    [
+        b"not base64 at all\n",
+        b"YQ== zero\n",  # a rank that is not a number
+        b"YQ== 0\n",  # not every byte
+        b"".join(base64.b64encode(bytes([b])) + b" %d\n" % b for b in range(255)),  # no 255
+        b"@@@= 0\n",  # not base64, though it decodes leniently
+    ],
 )
 def test_malformed_ranks_file(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "bad.tiktoken"

@@ -53,7 +53,9 @@ from llm.run import (
     build,
     check_every_sweep_job,
     check_no_earlier_run,
+    dated_folders_above,
     discarded_if_refused,
+    hydra_value,
     quiet_lightning,
     register_model_presets,
     resolve_precision,
@@ -642,7 +644,9 @@ def test_a_resume_or_rerun_that_cannot_work_fails_clearly(corpus, tmp_path):
         train_tiny(corpus, tmp_path / "other", "model.n_layer=3", *resume)
     # Refused before the data is prepared again with the other tokenizer (over the old data).
     prepared = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")}
-    with pytest.raises(ValueError, match="tokenizer 'bytes', this run uses 'gpt2'"):
+    with pytest.raises(
+        ValueError, match=r"'bytes', this run uses 'gpt2'; resume with tokenizer\.name=bytes$"
+    ):
         train_tiny(corpus, tmp_path / "other", "tokenizer.name=gpt2", *resume)
     # The ranks file that came with the other name goes too.
     ranks_file = f"tokenizer.path={tmp_path / 'gpt2.tiktoken'}"
@@ -664,6 +668,47 @@ def test_a_callback_set_to_null_is_left_out(corpus, tmp_path):
     cfg = compose_run([*overrides, "~callbacks"], run_dir)
     _, _, trainer = build(cfg)
     assert not any(isinstance(c, (GracefulStop, InspectionLogger)) for c in trainer.callbacks)
+
+
+@pytest.mark.parametrize(
+    ("override", "refused"),
+    [
+        ("seed=4294967295", None),
+        ("seed=4294967296", "seed must be an integer in [0, 2**32)"),
+        ("trainer.limit_val_batches=0", None),
+        ("trainer.limit_val_batches=1.0", None),
+        ("trainer.gradient_clip_val=0", None),
+        ("data.val_fraction=0", "data.val_fraction must be a number between 0 and 1"),
+        ("module.min_lr=0", None),
+        ("module.betas=[0.9,1.0]", "module.betas must be two numbers in [0, 1)"),
+        ("module.min_lr=1e-2", "module.min_lr must not exceed module.learning_rate"),
+    ],
+)
+def test_the_edges_of_what_the_config_allows(corpus, tmp_path, override, refused):
+    run_dir = tmp_path / "run"
+    cfg = compose_run(tiny_overrides(corpus, run_dir, override), run_dir)
+    if refused is None:
+        validate(cfg)
+    else:
+        with pytest.raises(ValueError, match=re.escape(refused)):
+            validate(cfg)
+
+
+def test_a_value_hydra_would_split_is_quoted():
+    assert hydra_value("runs/a_b-1.ckpt") == "runs/a_b-1.ckpt"
+    assert hydra_value("a,b") == "'a,b'"  # unquoted, a comma makes a sweep
+    assert hydra_value("it's here") == "'it\\'s here'"
+
+
+def test_dated_folders_are_removed_only_above_a_single_run(corpus, tmp_path):
+    run_dir = tmp_path / "outputs" / "day" / "time"
+    compose_run(tiny_overrides(corpus, run_dir), run_dir)
+    hydra_config = HydraConfig.get()
+    with read_write(hydra_config):
+        hydra_config.mode = RunMode.RUN
+        assert dated_folders_above(run_dir, hydra_config) == [run_dir.parent]
+        hydra_config.mode = RunMode.MULTIRUN  # a sweep's folder holds its multirun.yaml
+        assert dated_folders_above(run_dir, hydra_config) == []
 
 
 def test_gradient_clipping_turns_off_with_null_as_in_lightning(corpus, tmp_path):
@@ -1214,6 +1259,7 @@ def test_peak_flops_are_unknown_for_cpus():
     assert peak_flops(torch.device("cpu"), torch.bfloat16) is None
     assert precision_dtype("bf16-mixed") is torch.bfloat16
     assert precision_dtype("32-true") is torch.float32
+    assert precision_dtype("16-mixed") is torch.float16
 
 
 def test_fused_optimizer_with_bf16_clips_gradients(fused_adamw):
