@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from llm.errors import one_line_errors, sentence
@@ -21,6 +22,12 @@ def test_running_out_of_memory_is_one_line_and_other_runtime_errors_are_bugs(cap
     )
     with pytest.raises(RuntimeError, match="a bug"), one_line_errors():
         raise RuntimeError("a bug")
+    with pytest.raises(SystemExit), one_line_errors():  # a GPU's, by its type
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+    assert capsys.readouterr().err == (
+        "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); try a smaller "
+        "batch, context or model\n"
+    )
 
 
 def test_running_out_of_memory_while_a_config_is_built_is_one_line(capsys):

@@ -694,6 +694,22 @@ def test_the_edges_of_what_the_config_allows(corpus, tmp_path, override, refused
             validate(cfg)
 
 
+@pytest.mark.parametrize("sweep", [False, True])
+def test_a_rerun_is_told_to_resume_from_the_last_checkpoint(corpus, tmp_path, sweep):
+    folder = tmp_path / "earlier"
+    run = folder / "3" if sweep else folder  # a sweep's job 3
+    for name in ("a.ckpt", "b.ckpt", "best.ckpt", "c.ckpt", "last.ckpt"):  # sorted: last is last
+        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run / "checkpoints" / name).write_bytes(b"")
+    setting = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    cfg = compose_run(tiny_overrides(corpus, folder, f"{setting}={folder}"), folder)
+    with pytest.raises(ValueError) as refused:
+        check_no_earlier_run(cfg, sweep)
+    message, last = str(refused.value), run / "checkpoints" / "last.ckpt"
+    assert "c.ckpt, ...)" in message and message.endswith(f"ckpt_path={last}")
+    assert (f"hydra.run.dir={run} ckpt_path" in message) == sweep
+
+
 def test_a_value_hydra_would_split_is_quoted():
     assert hydra_value("runs/a_b-1.ckpt") == "runs/a_b-1.ckpt"
     assert hydra_value("a,b") == "'a,b'"  # unquoted, a comma makes a sweep
