@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from llm.files import atomic_path, check_folder, made_folder
+from llm.files import atomic_path, check_folder
 from llm.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def download(url: str, sha256: str, dest: Path) -> None:
     """
     fallback = "download it yourself and pass the local file path as the source"
     digest = hashlib.sha256()
-    with made_folder(dest.parent), _atomic_output(dest) as out:
+    with _atomic_output(dest) as out:
         try:
             with urllib.request.urlopen(url, timeout=30) as response:
                 total = int(response.headers.get("Content-Length") or 0) or None
@@ -305,7 +305,6 @@ def prepare(
             )
     # On an error, or Ctrl-C, nothing is written, and no folder made for it is left.
     with (
-        made_folder(out_dir),
         _atomic_output(out_dir / "train.bin") as train_out,
         _atomic_output(out_dir / "val.bin") as val_out,
     ):

@@ -14,20 +14,21 @@ from pathlib import Path
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path to write ``path``'s new content to, renamed to ``path`` when the block
     completes. It lies beside ``path`` (the same file system, so the rename is atomic) and is
-    deleted on any error or Ctrl-C: ``path`` is always whole, old or new, or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        yield Path(tmp)
-        # mkstemp makes the file private, and a writer may have replaced it; what llm writes is
-        # for everyone to read.
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb") as written:  # on the disk before the rename, or a crash could
-            os.fsync(written.fileno())  # leave the new name on an empty file
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)  # gone already if renamed
+    deleted on any error or Ctrl-C: ``path`` is always whole, old or new, or absent, and so are
+    the folders made for it (``made_folder``)."""
+    with made_folder(path.parent):
+        descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(descriptor)
+        try:
+            yield Path(tmp)
+            # mkstemp makes the file private, and a writer may have replaced it; what llm writes
+            # is for everyone to read.
+            os.chmod(tmp, 0o644)
+            with open(tmp, "rb") as written:  # on the disk before the rename, or a crash could
+                os.fsync(written.fileno())  # leave the new name on an empty file
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)  # gone already if renamed
 
 
 @contextmanager
