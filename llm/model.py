@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,10 @@ VOCAB_PAD_MULTIPLE = 64
 # The target that counts for nothing in the loss (PyTorch's default): padding, say.
 IGNORE_INDEX = -100
 
+# torch.compile indexes a tensor of 2**31 elements or more with 64-bit integers, whose
+# arithmetic is slow on GPUs: GPT.loss takes logits in chunks of rows that stay below this.
+MAX_LOGITS_PER_CHUNK = 2**31 - 1
+
 # What wrappers insert into parameter names: FSDP units, activation checkpointing, torch.compile.
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -54,6 +58,15 @@ def _is_positive_int(value: object) -> bool:
 def _counted(number: int, thing: str) -> str:
     """``1 layer``, ``12 layers``."""
     return f"{number} {thing}{'' if number == 1 else 's'}"
+
+
+def _check_targets(targets: Tensor, shape: torch.Size) -> None:
+    """Raise a ValueError unless the targets are token ids (torch.long) of the given shape."""
+    if targets.shape != shape or targets.dtype != torch.long:
+        raise ValueError(
+            f"Targets must be torch.long of the token ids' shape {tuple(shape)}, "
+            f"got {targets.dtype} of shape {tuple(targets.shape)}."
+        )
 
 
 def _is_number(value: object) -> bool:
@@ -322,13 +335,41 @@ class GPT(nn.Module):
         With ``kv_caches`` (from ``new_kv_caches``), ``idx`` continues the cached sequence:
         only the new tokens are computed, at their true positions.
         """
+        return self.head(self._transform(idx, kv_caches), targets)
+
+    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """The mean cross-entropy loss of ``forward`` alone: what a training step needs.
+
+        Compile this, not ``forward``, for training. Every output of a compiled function gets a
+        gradient in its backward pass: returned logits, the step's largest tensor, would get a
+        zero-filled (B, T, V) one to add in, a write and a read of them for nothing (a quarter
+        of a compiled CPU step of gpt-micro). The logits are made in chunks of rows, each under
+        ``MAX_LOGITS_PER_CHUNK`` values (one chunk up to 42,690 tokens with GPT-2's vocabulary),
+        so that compiled kernels index them with 32-bit integers."""
+        x = self._transform(idx)  # (B, T, C)
+        _check_targets(targets, x.shape[:-1])
+        x, targets = x.flatten(0, 1), targets.flatten()  # (B·T, C), (B·T,)
+        chunks = math.ceil(len(targets) * self.config.padded_vocab_size / MAX_LOGITS_PER_CHUNK)
+        rows = math.ceil(len(targets) / chunks)  # as many in each, but perhaps the last
+        chunk_sums = [
+            self.head(x[i : i + rows], targets[i : i + rows], reduction="sum")[1]
+            for i in range(0, len(targets), rows)
+        ]
+        return cast(Tensor, sum(chunk_sums)) / (targets != IGNORE_INDEX).sum()
+
+    def _transform(self, idx: Tensor, kv_caches: list[KVCache] | None = None) -> Tensor:
+        """Token ids (B, T) -> the last block's output (B, T, C)."""
         x = self._embed(idx, start=kv_caches[0].length if kv_caches else 0)
         for layer, block in enumerate(self.blocks):
             x, _ = block(x, kv_cache=kv_caches[layer] if kv_caches else None)
-        return self.head(x, targets)
+        return x
 
-    def head(self, x: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """The last block's output (B, T, C) -> logits (B, T, V) and, given targets, the loss.
+    def head(
+        self, x: Tensor, targets: Tensor | None = None, reduction: str = "mean"
+    ) -> tuple[Tensor, Tensor | None]:
+        """The last block's output (B, T, C) -> logits (B, T, V) and, given targets, the loss:
+        their mean cross-entropy (or sum, with ``reduction="sum"``) over targets that are not
+        ``IGNORE_INDEX``. Any leading shape works, e.g. rows (N, C) and targets (N,).
 
         With GPT-2's vocabulary the logits are the largest tensor of a training step (80% of
         the step of a 128-wide model on a CPU); ``torch.compile`` fuses the slice, softmax and
@@ -338,13 +379,11 @@ class GPT(nn.Module):
         logits = self.lm_head(self.final_norm(x))[..., : self.config.vocab_size]  # (B, T, V)
         if targets is None:
             return logits, None
-        if targets.shape != logits.shape[:-1] or targets.dtype != torch.long:
-            raise ValueError(
-                f"Targets must be torch.long of the token ids' shape {tuple(logits.shape[:-1])}, "
-                f"got {targets.dtype} of shape {tuple(targets.shape)}."
-            )
+        _check_targets(targets, logits.shape[:-1])
         self._check_in_vocabulary(targets, "Targets", ignore_index=IGNORE_INDEX)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(
+            logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
+        )
         return logits, loss
 
     @torch.no_grad()

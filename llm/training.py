@@ -78,7 +78,7 @@ class GPTLightningModule(L.LightningModule):
         # run config from llm.run instead of these.
         self.save_hyperparameters(logger=False)
         self.model = GPT(GPTConfig(**model))
-        self.model_forward = self.model.forward  # compiled in configure_model if asked
+        self.model_loss = self.model.loss  # compiled in configure_model if asked
         self.learning_rate = learning_rate
         self.min_lr = min_lr
         self.warmup_steps = warmup_steps
@@ -108,15 +108,15 @@ class GPTLightningModule(L.LightningModule):
         )
 
     def configure_model(self) -> None:
-        # Only the training and validation forward is compiled: inspection and generation call
-        # the model with new shapes every time and stay eager. A compiled bound method is not a
-        # submodule, so parameter names, and so checkpoints, stay the same.
+        # Only the training and validation loss is compiled (see GPT.loss): inspection and
+        # generation call the model with new shapes every time and stay eager. A compiled bound
+        # method is not a submodule, so parameter names, and so checkpoints, stay the same.
         if self.compile_model:
-            self.model_forward = torch.compile(self.model.forward, mode=self.compile_mode)
+            self.model_loss = torch.compile(self.model.loss, mode=self.compile_mode)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         inputs, targets = batch
-        _, loss = self.model_forward(inputs, targets)
+        loss = self.model_loss(inputs, targets)
         self.nonfinite_losses += (~torch.isfinite(loss.detach())).long()
         self.flops_per_batch = self.flops_per_token * inputs.numel()
         # Neither value is read on the host here: Lightning turns every prog_bar value into a
@@ -172,7 +172,7 @@ class GPTLightningModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, targets = batch
-        _, loss = self.model_forward(inputs, targets)
+        loss = self.model_loss(inputs, targets)
         tokens = inputs.numel()
         self.val_loss_sum.update(loss.float() * tokens)
         # Made on the device, not copied from the host.

@@ -65,15 +65,14 @@ def plain_loop(
     ``compile_mode`` or, with None, eager (as in the other loops here)."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    if compile_mode is not None:
-        model.compile(mode=compile_mode)
+    loss_of = model.loss if compile_mode is None else torch.compile(model.loss, mode=compile_mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     clock = StepClock(device, warmup, len(batches))
     for batch in batches:
         clock.batch_start()
         batch = batch.to(device, non_blocking=True)
         with autocast(device, bf16):
-            _, loss = model(batch[:, :-1], batch[:, 1:])
+            loss = loss_of(batch[:, :-1], batch[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -94,14 +93,19 @@ def head_only(
     forward and backward, on random hidden states."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    head = model.head if compile_mode is None else torch.compile(model.head, mode=compile_mode)
+
+    def head_loss(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return model.head(states, targets)[1]  # the loss alone, as GPT.loss gives it
+
+    if compile_mode is not None:
+        head_loss = torch.compile(head_loss, mode=compile_mode)
     shape = (*batches[0][:, 1:].shape, config.n_embd)  # (B, T, C)
     hidden = [torch.randn(shape, device=device, requires_grad=True) for _ in batches]
     clock = StepClock(device, warmup, len(batches))
     for batch, states in zip(batches, hidden, strict=True):
         clock.batch_start()
         with autocast(device, bf16):
-            _, loss = head(states, batch[:, 1:].to(device, non_blocking=True))
+            loss = head_loss(states, batch[:, 1:].to(device, non_blocking=True))
         loss.backward()
         clock.batch_end()
     return clock.seconds_per_step()

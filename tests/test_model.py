@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import llm.model
 from llm.model import GPT, PRESETS, GPTConfig
 
 TINY = GPTConfig(vocab_size=100, context_length=16, n_layer=2, n_head=2, n_embd=32)
@@ -79,6 +80,30 @@ def test_loss_ignores_minus_100_and_padding_rows():
     expected = -log_probs.gather(-1, targets[:, :4, None]).mean()
     assert torch.allclose(partial, expected, atol=1e-6)
     assert model.lm_head.weight.shape[0] == 128  # 100 padded to 128, yet never in the softmax
+
+
+@pytest.mark.parametrize("max_logits", [None, 7 * 128])
+def test_loss_alone_equals_forwards_and_takes_logits_in_chunks(monkeypatch, max_logits):
+    # GPT.loss sums the losses of chunks of rows, each with at most max_logits padded logits
+    # (48 rows of 128: 6 chunks of 7 rows and one of 6); by default, here, one chunk.
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    idx, targets = torch.randint(0, 100, (2, 3, 16))
+    targets[0, :5] = -100
+    _, expected = model(idx, targets)
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    if max_logits:
+        monkeypatch.setattr(llm.model, "MAX_LOGITS_PER_CHUNK", max_logits)
+    chunk_rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: chunk_rows.append(len(out)))
+    loss = model.loss(idx, targets)
+    loss.backward()
+    assert chunk_rows == ([7] * 6 + [6] if max_logits else [48])
+    assert torch.allclose(loss, expected, atol=1e-6)
+    for parameter, grad in zip(model.parameters(), expected_grads, strict=True):
+        assert torch.allclose(parameter.grad, grad, atol=1e-6)
 
 
 def test_tied_weights_share_storage():
@@ -169,12 +194,14 @@ def test_targets_outside_vocabulary_raise_but_ignored_ones_pass():
     targets = torch.tensor([[1, 2, -100, 3]])
     _, loss = model(idx, targets)
     assert torch.isfinite(loss)
-    with pytest.raises(ValueError, match=r"Targets must lie in \[0, 100\) \(or -100, ignored\)"):
-        model(idx, torch.tensor([[1, 2, 100, 3]]))
-    with pytest.raises(ValueError, match=r"torch.long of the token ids' shape \(1, 4\), got"):
-        model(idx, targets[:, :3])
-    with pytest.raises(ValueError, match=r"Targets must be torch.long .* got torch.int32 of"):
-        model(idx, targets.int())
+    assert torch.allclose(model.loss(idx, targets), loss)
+    for loss_of in (lambda idx, targets: model(idx, targets)[1], model.loss):
+        with pytest.raises(ValueError, match=r"Targets must lie in \[0, 100\) \(or -100, ignored"):
+            loss_of(idx, torch.tensor([[1, 2, 100, 3]]))
+        with pytest.raises(ValueError, match=r"torch.long of the token ids' shape \(1, 4\), got"):
+            loss_of(idx, targets[:, :3])
+        with pytest.raises(ValueError, match=r"Targets must be torch.long .* got torch.int32 of"):
+            loss_of(idx, targets.int())
 
 
 @pytest.mark.parametrize(

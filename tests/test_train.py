@@ -1017,11 +1017,13 @@ def test_a_gpu_that_is_not_there_is_refused_by_name():
     assert device_from_name("auto") == torch.device("cpu")
 
 
-def test_compile_mode_reaches_torch_compile(monkeypatch):
-    modes = []
-    monkeypatch.setattr(torch, "compile", lambda function, mode: modes.append(mode) or function)
-    tiny_module(compile_model=True, compile_mode="max-autotune-no-cudagraphs").configure_model()
-    assert modes == ["max-autotune-no-cudagraphs"]
+def test_compile_mode_reaches_torch_compile_of_the_loss_alone(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda function, mode: compiled.append((function, mode)))
+    module = tiny_module(compile_model=True, compile_mode="max-autotune-no-cudagraphs")
+    module.configure_model()
+    # GPT.loss, not forward: compiled, returned logits would take a gradient (see GPT.loss).
+    assert compiled == [(module.model.loss, "max-autotune-no-cudagraphs")]
 
 
 def test_a_resume_takes_the_configs_learning_rate_betas_and_weight_decay(tmp_path):
@@ -1106,15 +1108,12 @@ class NaNLossAtStep(L.Callback):
         self.step = step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        forward = pl_module.model.forward
+        loss = pl_module.model.loss
         nan = torch.tensor(float("nan"))
         if trainer.global_step == self.step:
-            pl_module.model_forward = lambda x, y: (
-                None,
-                torch.where(nan.isnan(), nan, forward(x, y)[1]),
-            )
+            pl_module.model_loss = lambda x, y: torch.where(nan.isnan(), nan, loss(x, y))
         else:
-            pl_module.model_forward = forward
+            pl_module.model_loss = loss
 
 
 def test_a_nan_loss_of_one_step_is_caught_by_a_later_check():
