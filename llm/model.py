@@ -60,15 +60,6 @@ def _counted(number: int, thing: str) -> str:
     return f"{number} {thing}{'' if number == 1 else 's'}"
 
 
-def _check_targets(targets: Tensor, shape: torch.Size) -> None:
-    """Raise a ValueError unless the targets are token ids (torch.long) of the given shape."""
-    if targets.shape != shape or targets.dtype != torch.long:
-        raise ValueError(
-            f"Targets must be torch.long of the token ids' shape {tuple(shape)}, "
-            f"got {targets.dtype} of shape {tuple(targets.shape)}."
-        )
-
-
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -342,17 +333,24 @@ class GPT(nn.Module):
 
         Compile this, not ``forward``, for training. Every output of a compiled function gets a
         gradient in its backward pass: returned logits, the step's largest tensor, would get a
-        zero-filled (B, T, V) one to add in, a write and a read of them for nothing (a quarter
-        of a compiled CPU step of gpt-micro). The logits are made in chunks of rows, each under
-        ``MAX_LOGITS_PER_CHUNK`` values (one chunk up to 42,690 tokens with GPT-2's vocabulary),
-        so that compiled kernels index them with 32-bit integers."""
+        zero-filled (B, T, V) one to add in, a write and a read of them for nothing (a fifth of
+        a compiled CPU step of gpt-micro). Past ``MAX_LOGITS_PER_CHUNK`` logits (42,690 tokens
+        with GPT-2's vocabulary) they are made in chunks of rows that each stay under it, so
+        that compiled kernels index them with 32-bit integers."""
         x = self._transform(idx)  # (B, T, C)
-        _check_targets(targets, x.shape[:-1])
+        rows_per_chunk = MAX_LOGITS_PER_CHUNK // self.config.padded_vocab_size
+        if idx.numel() <= rows_per_chunk:  # one chunk: forward's loss
+            return cast(Tensor, self.head(x, targets)[1])
+        self._check_targets(targets, idx.shape)
         x, targets = x.flatten(0, 1), targets.flatten()  # (B·T, C), (B·T,)
-        chunks = math.ceil(len(targets) * self.config.padded_vocab_size / MAX_LOGITS_PER_CHUNK)
-        rows = math.ceil(len(targets) / chunks)  # as many in each, but perhaps the last
+        rows = math.ceil(len(targets) / math.ceil(len(targets) / rows_per_chunk))  # even chunks
         chunk_sums = [
-            self.head(x[i : i + rows], targets[i : i + rows], reduction="sum")[1]
+            F.cross_entropy(
+                self._logits(x[i : i + rows]),  # (rows, V)
+                targets[i : i + rows],
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
             for i in range(0, len(targets), rows)
         ]
         return cast(Tensor, sum(chunk_sums)) / (targets != IGNORE_INDEX).sum()
@@ -364,27 +362,34 @@ class GPT(nn.Module):
             x, _ = block(x, kv_cache=kv_caches[layer] if kv_caches else None)
         return x
 
-    def head(
-        self, x: Tensor, targets: Tensor | None = None, reduction: str = "mean"
-    ) -> tuple[Tensor, Tensor | None]:
-        """The last block's output (B, T, C) -> logits (B, T, V) and, given targets, the loss:
-        their mean cross-entropy (or sum, with ``reduction="sum"``) over targets that are not
-        ``IGNORE_INDEX``. Any leading shape works, e.g. rows (N, C) and targets (N,).
+    def head(self, x: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The last block's output (B, T, C) -> logits (B, T, V) and, given targets, the loss.
 
-        With GPT-2's vocabulary the logits are the largest tensor of a training step (80% of
+        With GPT-2's vocabulary the logits are the largest tensor of a training step (most of
         the step of a 128-wide model on a CPU); ``torch.compile`` fuses the slice, softmax and
         loss into one pass over them."""
-        # The padded rows are never real tokens: dropping their logits keeps them out of the
-        # softmax, so they are never sampled and never take probability mass in the loss.
-        logits = self.lm_head(self.final_norm(x))[..., : self.config.vocab_size]  # (B, T, V)
+        logits = self._logits(x)  # (B, T, V)
         if targets is None:
             return logits, None
-        _check_targets(targets, logits.shape[:-1])
-        self._check_in_vocabulary(targets, "Targets", ignore_index=IGNORE_INDEX)
-        loss = F.cross_entropy(
-            logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
-        )
+        self._check_targets(targets, logits.shape[:-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """Hidden states (..., C) -> logits (..., V) over the real vocabulary."""
+        # The padded rows are never real tokens: dropping their logits keeps them out of the
+        # softmax, so they are never sampled and never take probability mass in the loss.
+        return self.lm_head(self.final_norm(x))[..., : self.config.vocab_size]
+
+    def _check_targets(self, targets: Tensor, shape: torch.Size) -> None:
+        """Raise a ValueError unless the targets are token ids (torch.long) of the given shape,
+        each in the vocabulary or ``IGNORE_INDEX``."""
+        if targets.shape != shape or targets.dtype != torch.long:
+            raise ValueError(
+                f"Targets must be torch.long of the token ids' shape {tuple(shape)}, "
+                f"got {targets.dtype} of shape {tuple(targets.shape)}."
+            )
+        self._check_in_vocabulary(targets, "Targets", ignore_index=IGNORE_INDEX)
 
     @torch.no_grad()
     def attention_weights(self, idx: Tensor) -> Tensor:

@@ -95,7 +95,7 @@ def head_only(
     model = GPT(config).to(device)
 
     def head_loss(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return model.head(states, targets)[1]  # the loss alone, as GPT.loss gives it
+        return model.head(states, targets)[1]  # the loss alone, in one piece
 
     if compile_mode is not None:
         head_loss = torch.compile(head_loss, mode=compile_mode)

@@ -85,7 +85,7 @@ def test_loss_ignores_minus_100_and_padding_rows():
 @pytest.mark.parametrize("max_logits", [None, 7 * 128])
 def test_loss_alone_equals_forwards_and_takes_logits_in_chunks(monkeypatch, max_logits):
     # GPT.loss sums the losses of chunks of rows, each with at most max_logits padded logits
-    # (48 rows of 128: 6 chunks of 7 rows and one of 6); by default, here, one chunk.
+    # (48 rows of 128: 6 chunks of 7 rows and one of 6); by default, here, forward's one piece.
     torch.manual_seed(0)
     model = GPT(TINY)
     idx, targets = torch.randint(0, 100, (2, 3, 16))
@@ -97,13 +97,18 @@ def test_loss_alone_equals_forwards_and_takes_logits_in_chunks(monkeypatch, max_
     if max_logits:
         monkeypatch.setattr(llm.model, "MAX_LOGITS_PER_CHUNK", max_logits)
     chunk_rows = []
-    model.lm_head.register_forward_hook(lambda module, args, out: chunk_rows.append(len(out)))
+    model.lm_head.register_forward_hook(
+        lambda module, args, out: chunk_rows.append(out.shape[:-1].numel())
+    )
     loss = model.loss(idx, targets)
     loss.backward()
     assert chunk_rows == ([7] * 6 + [6] if max_logits else [48])
     assert torch.allclose(loss, expected, atol=1e-6)
     for parameter, grad in zip(model.parameters(), expected_grads, strict=True):
         assert torch.allclose(parameter.grad, grad, atol=1e-6)
+    targets[0, 0], targets[2, 15] = 150, 300  # in different chunks: both counted in the message
+    with pytest.raises(ValueError, match=r"Targets must lie in \[0, 100\) .* in \[\d+, 300\]"):
+        model.loss(idx, targets)
 
 
 def test_tied_weights_share_storage():
