@@ -26,14 +26,12 @@ from llm.attention import (
     RotaryAttention,
     SlidingWindowAttention,
 )
+from llm.loss import IGNORE_INDEX, LinearCrossEntropy, linear_cross_entropy
 
 # Embedding and LM-head rows are padded to a multiple of this: matmuls whose sizes are multiples
 # of 64 hit the fast kernel paths on GPUs (50257 -> 50304 is ~25% faster in nanoGPT's runs).
 VOCAB_PAD_MULTIPLE = 64
 
-
-# The target that counts for nothing in the loss (PyTorch's default): padding, say.
-IGNORE_INDEX = -100
 
 # torch.compile indexes a tensor of 2**31 elements or more with 64-bit integers, whose
 # arithmetic is slow on GPUs: GPT.loss takes logits in chunks of rows that stay below this.
@@ -331,29 +329,31 @@ class GPT(nn.Module):
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
         """The mean cross-entropy loss of ``forward`` alone: what a training step needs.
 
-        Compile this, not ``forward``, for training. Every output of a compiled function gets a
-        gradient in its backward pass: returned logits, the step's largest tensor, would get a
-        zero-filled (B, T, V) one to add in, a write and a read of them for nothing (a fifth of
-        a compiled CPU step of gpt-micro). Past ``MAX_LOGITS_PER_CHUNK`` logits (42,690 tokens
-        with GPT-2's vocabulary) they are made in chunks of rows that each stay under it, so
-        that compiled kernels index them with 32-bit integers."""
-        x = self._transform(idx)  # (B, T, C)
+        Compile this, not ``forward``, for training. Compiled, every output takes a gradient in
+        the backward pass: ``forward``'s logits would take a zero-filled (B, T, V) one. This
+        never even keeps the whole logits (see ``head_loss``)."""
+        return self.head_loss(self._transform(idx), targets)
+
+    def head_loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        """The last block's output (B, T, C) -> the mean loss of ``head``, without its logits.
+
+        The logits are made in chunks of rows, each under ``MAX_LOGITS_PER_CHUNK`` logits
+        (42,690 tokens with GPT-2's vocabulary). Compiled, with gradients wanted, the LM head
+        and the loss are one step, ``LinearCrossEntropy``: it works out the logits' gradient
+        while each chunk exists, so the step's largest tensor is never kept for the backward
+        pass. Eager, autograd differentiates PyTorch's cross-entropy instead: uncompiled, each
+        step of the hand-made gradient is a pass of its own over the logits, slower than
+        PyTorch's fused kernels (1.6 against 1.2 s for gpt-micro's head on a 2-core CPU)."""
+        self._check_targets(targets, x.shape[:-1])
+        x, targets = self.final_norm(x).flatten(0, 1), targets.flatten()  # (B·T, C), (B·T,)
         rows_per_chunk = MAX_LOGITS_PER_CHUNK // self.config.padded_vocab_size
-        if idx.numel() <= rows_per_chunk:  # one chunk: forward's loss
-            return cast(Tensor, self.head(x, targets)[1])
-        self._check_targets(targets, idx.shape)
-        x, targets = x.flatten(0, 1), targets.flatten()  # (B·T, C), (B·T,)
         rows = math.ceil(len(targets) / math.ceil(len(targets) / rows_per_chunk))  # even chunks
-        chunk_sums = [
-            F.cross_entropy(
-                self._logits(x[i : i + rows]),  # (rows, V)
-                targets[i : i + rows],
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            for i in range(0, len(targets), rows)
-        ]
-        return cast(Tensor, sum(chunk_sums)) / (targets != IGNORE_INDEX).sum()
+        weight = self.lm_head.weight  # (V_padded, C)
+        wants_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        if wants_grads and torch.compiler.is_compiling():
+            loss = LinearCrossEntropy.apply(x, weight, targets, self.config.vocab_size, rows)
+            return cast(Tensor, loss)
+        return linear_cross_entropy(x, weight, targets, self.config.vocab_size, rows)[0]
 
     def _transform(self, idx: Tensor, kv_caches: list[KVCache] | None = None) -> Tensor:
         """Token ids (B, T) -> the last block's output (B, T, C)."""
@@ -427,6 +427,11 @@ class GPT(nn.Module):
         x = self.token_embedding(idx)  # (B, T, C)
         if self.position_embedding is not None:  # with RoPE the attention adds positions
             x = x + self.position_embedding(torch.arange(start, end, device=idx.device))
+        if torch.is_autocast_enabled(idx.device.type):
+            # Under autocast the residual stream is carried in its dtype (bf16), as llm.c does:
+            # every norm, residual add and their gradients move half the bytes of fp32 (4% of
+            # a GPT-2 step on an H200). Weights, norms' arithmetic and the loss stay fp32.
+            x = x.to(torch.get_autocast_dtype(idx.device.type))
         return self.dropout(x)
 
     def _check_in_vocabulary(self, ids: Tensor, what: str, ignore_index: int | None = None) -> None:

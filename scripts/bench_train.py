@@ -10,10 +10,11 @@ ThroughputMonitor (which waits for the GPU after every step) or llm's TokenThrou
 (which waits only on logging steps). Each row is timed over all its steps after the warm-up as
 one span, so the host may run ahead of the GPU as in real training. Every row trains the same
 model on the same random batches held in (on a GPU, pinned) memory, so the table compares the
-step itself, not data loading. A second table times the output head alone (the logits over the
-vocabulary and the loss), eager and compiled into one fused pass, and its share of the whole
-step. A third times the step's matmuls and attention alone, with none of the memory-bound work
-around them: a floor for the step, and so a ceiling for its MFU with these kernels.
+step itself, not data loading. A second table times the output head alone (``GPT.head_loss``:
+the logits over the vocabulary, the loss and their gradients), eager and compiled, and its share
+of the whole step. A third times the step's matmuls and attention alone, with none of the
+memory-bound work around them: a floor for the step, and so a ceiling for its MFU with these
+kernels.
 ``--compile-mode max-autotune-no-cudagraphs`` compiles every compiled row with kernel tuning.
 """
 
@@ -93,10 +94,7 @@ def head_only(
     forward and backward, on random hidden states."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
-
-    def head_loss(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return model.head(states, targets)[1]  # the loss alone, in one piece
-
+    head_loss = model.head_loss
     if compile_mode is not None:
         head_loss = torch.compile(head_loss, mode=compile_mode)
     shape = (*batches[0][:, 1:].shape, config.n_embd)  # (B, T, C)
@@ -337,7 +335,7 @@ def main() -> None:
     print("|---|---:|---:|")
     for label, compile_mode, step in (
         ("eager", None, results["plain loop, bf16 autocast"]),
-        ("compiled: one fused pass", compiled, results["plain loop, bf16 + compile"]),
+        ("compiled", compiled, results["plain loop, bf16 + compile"]),
     ):
         seconds = head_only(config, batches, device, True, compile_mode, args.warmup)
         print(f"| {label} | {seconds:.4f} | {seconds / step:.0%} |")

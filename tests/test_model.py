@@ -5,7 +5,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch._dynamo.backends.registry import lookup_backend
 
+import llm.loss
 import llm.model
 from llm.model import GPT, PRESETS, GPTConfig
 
@@ -82,33 +84,68 @@ def test_loss_ignores_minus_100_and_padding_rows():
     assert model.lm_head.weight.shape[0] == 128  # 100 padded to 128, yet never in the softmax
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("max_logits", [None, 7 * 128])
-def test_loss_alone_equals_forwards_and_takes_logits_in_chunks(monkeypatch, max_logits):
+def test_loss_alone_equals_forwards_and_takes_logits_in_chunks(monkeypatch, max_logits, compiled):
     # GPT.loss sums the losses of chunks of rows, each with at most max_logits padded logits
-    # (48 rows of 128: 6 chunks of 7 rows and one of 6); by default, here, forward's one piece.
+    # (48 rows of 128: 6 chunks of 7 rows and one of 6); by default, here, one chunk. Compiled
+    # (through AOTAutograd, without Inductor's code generation: fast), it is one
+    # LinearCrossEntropy, which makes the gradients in the forward pass. Either way they equal
+    # autograd's through forward's loss, scaled by the loss's own gradient (2 here, as 1/n
+    # under gradient accumulation).
     torch.manual_seed(0)
     model = GPT(TINY)
     idx, targets = torch.randint(0, 100, (2, 3, 16))
     targets[0, :5] = -100
     _, expected = model(idx, targets)
-    expected.backward()
+    (2 * expected).backward()
     expected_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     if max_logits:
         monkeypatch.setattr(llm.model, "MAX_LOGITS_PER_CHUNK", max_logits)
-    chunk_rows = []
-    model.lm_head.register_forward_hook(
-        lambda module, args, out: chunk_rows.append(out.shape[:-1].numel())
-    )
-    loss = model.loss(idx, targets)
-    loss.backward()
-    assert chunk_rows == ([7] * 6 + [6] if max_logits else [48])
+    chunk_rows, graphs = [], []
+    chunk_loss = llm.loss.cross_entropy_rows
+    if compiled:
+
+        def backend(graph, example_inputs):
+            graphs.append(graph.code)
+            return lookup_backend("aot_eager")(graph, example_inputs)
+
+        loss_of = torch.compile(model.loss, backend=backend)
+    else:  # count the chunks' rows (a side effect torch.compile would refuse here)
+
+        def counted_chunk_loss(logits, *args):
+            chunk_rows.append(len(logits))
+            return chunk_loss(logits, *args)
+
+        monkeypatch.setattr(llm.loss, "cross_entropy_rows", counted_chunk_loss)
+        loss_of = model.loss
+    loss = loss_of(idx, targets)
+    (2 * loss).backward()
+    if compiled:
+        assert len(graphs) == 1 and "autograd_function_apply" in graphs[0]
+    else:
+        assert chunk_rows == ([7] * 6 + [6] if max_logits else [48])
     assert torch.allclose(loss, expected, atol=1e-6)
     for parameter, grad in zip(model.parameters(), expected_grads, strict=True):
         assert torch.allclose(parameter.grad, grad, atol=1e-6)
+    with torch.no_grad():  # validation: the loss alone, no gradients made
+        assert torch.allclose(loss_of(idx, targets), expected, atol=1e-6)
     targets[0, 0], targets[2, 15] = 150, 300  # in different chunks: both counted in the message
     with pytest.raises(ValueError, match=r"Targets must lie in \[0, 100\) .* in \[\d+, 300\]"):
         model.loss(idx, targets)
+
+
+def test_residual_stream_is_carried_in_the_autocast_dtype():
+    model = GPT(TINY)
+    block_inputs = []
+    model.blocks[1].register_forward_pre_hook(lambda module, args: block_inputs.append(args[0]))
+    idx = torch.randint(0, 100, (1, 8))
+    model(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(idx, idx)
+    assert [x.dtype for x in block_inputs] == [torch.float32, torch.bfloat16]
+    assert loss.dtype == torch.float32  # the loss itself is taken in fp32
 
 
 def test_tied_weights_share_storage():
