@@ -32,9 +32,8 @@ from llm.loss import IGNORE_INDEX, LinearCrossEntropy, linear_cross_entropy
 # of 64 hit the fast kernel paths on GPUs (50257 -> 50304 is ~25% faster in nanoGPT's runs).
 VOCAB_PAD_MULTIPLE = 64
 
-
 # torch.compile indexes a tensor of 2**31 elements or more with 64-bit integers, whose
-# arithmetic is slow on GPUs: GPT.loss takes logits in chunks of rows that stay below this.
+# arithmetic is slow on GPUs: GPT.head_loss makes logits in chunks of rows that stay below this.
 MAX_LOGITS_PER_CHUNK = 2**31 - 1
 
 # What wrappers insert into parameter names: FSDP units, activation checkpointing, torch.compile.
@@ -60,6 +59,12 @@ def _counted(number: int, thing: str) -> str:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype that x's matmuls run in: autocast's where it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 @dataclass(frozen=True)
@@ -343,17 +348,17 @@ class GPT(nn.Module):
         while each chunk exists, so the step's largest tensor is never kept for the backward
         pass. Eager, autograd differentiates PyTorch's cross-entropy instead: uncompiled, each
         step of the hand-made gradient is a pass of its own over the logits, slower than
-        PyTorch's fused kernels (1.6 against 1.2 s for gpt-micro's head on a 2-core CPU)."""
+        PyTorch's fused kernels (1.6 against 1.2 s for gpt-micro's head on a 2-core CPU); and
+        so does fp16, whose loss scale must reach the logits' gradient before it is rounded."""
         self._check_targets(targets, x.shape[:-1])
         x, targets = self.final_norm(x).flatten(0, 1), targets.flatten()  # (B·T, C), (B·T,)
-        rows_per_chunk = MAX_LOGITS_PER_CHUNK // self.config.padded_vocab_size
-        rows = math.ceil(len(targets) / math.ceil(len(targets) / rows_per_chunk))  # even chunks
         weight = self.lm_head.weight  # (V_padded, C)
+        max_rows = MAX_LOGITS_PER_CHUNK // self.config.padded_vocab_size
+        args = (x, weight, targets, self.config.vocab_size, max_rows)
         wants_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if wants_grads and torch.compiler.is_compiling():
-            loss = LinearCrossEntropy.apply(x, weight, targets, self.config.vocab_size, rows)
-            return cast(Tensor, loss)
-        return linear_cross_entropy(x, weight, targets, self.config.vocab_size, rows)[0]
+        if wants_grads and torch.compiler.is_compiling() and _matmul_dtype(x) != torch.float16:
+            return cast(Tensor, LinearCrossEntropy.apply(*args))
+        return linear_cross_entropy(*args)[0]
 
     def _transform(self, idx: Tensor, kv_caches: list[KVCache] | None = None) -> Tensor:
         """Token ids (B, T) -> the last block's output (B, T, C)."""
@@ -427,11 +432,12 @@ class GPT(nn.Module):
         x = self.token_embedding(idx)  # (B, T, C)
         if self.position_embedding is not None:  # with RoPE the attention adds positions
             x = x + self.position_embedding(torch.arange(start, end, device=idx.device))
-        if torch.is_autocast_enabled(idx.device.type):
-            # Under autocast the residual stream is carried in its dtype (bf16), as llm.c does:
-            # every norm, residual add and their gradients move half the bytes of fp32 (4% of
-            # a GPT-2 step on an H200). Weights, norms' arithmetic and the loss stay fp32.
-            x = x.to(torch.get_autocast_dtype(idx.device.type))
+        if _matmul_dtype(x) == torch.bfloat16:
+            # Under bf16 autocast the residual stream is carried in bf16, as llm.c does: every
+            # norm, residual add and their gradients move half the bytes of fp32 (4% of a GPT-2
+            # step on an H200). Weights, norms' arithmetic and the loss stay fp32. (fp16's
+            # narrow range could overflow: its stream stays fp32.)
+            x = x.to(torch.bfloat16)
         return self.dropout(x)
 
     def _check_in_vocabulary(self, ids: Tensor, what: str, ignore_index: int | None = None) -> None:

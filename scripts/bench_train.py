@@ -98,7 +98,8 @@ def head_only(
     if compile_mode is not None:
         head_loss = torch.compile(head_loss, mode=compile_mode)
     shape = (*batches[0][:, 1:].shape, config.n_embd)  # (B, T, C)
-    hidden = [torch.randn(shape, device=device, requires_grad=True) for _ in batches]
+    dtype = torch.bfloat16 if bf16 else torch.float32  # the residual stream's, as in training
+    hidden = [torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in batches]
     clock = StepClock(device, warmup, len(batches))
     for batch, states in zip(batches, hidden, strict=True):
         clock.batch_start()

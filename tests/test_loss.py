@@ -41,3 +41,13 @@ def test_linear_cross_entropy_equals_autograd_through_the_logits(rows_per_chunk)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         assert torch.allclose(grad, expected_grad, atol=1e-5)
     assert (grads[1][50:] == 0).all()  # the padding rows of the LM head learn nothing
+
+
+def test_all_targets_ignored_give_pytorchs_nan_loss_but_no_nan_gradient():
+    x = torch.randn(4, 16, requires_grad=True)
+    weight = torch.randn(64, 16, requires_grad=True)
+    targets = torch.full((4,), IGNORE_INDEX)
+    loss = LinearCrossEntropy.apply(x, weight, targets, 50, 4)
+    assert F.cross_entropy(x @ weight.T, targets).isnan() and loss.isnan()
+    loss.backward()
+    assert (x.grad == 0).all() and (weight.grad == 0).all()

@@ -14,6 +14,18 @@ from llm.model import GPT, PRESETS, GPTConfig
 TINY = GPTConfig(vocab_size=100, context_length=16, n_layer=2, n_head=2, n_embd=32)
 
 
+def compiled_keeping_graphs(function):
+    """``function`` under torch.compile through AOTAutograd, without Inductor's code generation
+    (fast), and the list that collects the graphs Dynamo captures."""
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return lookup_backend("aot_eager")(graph, example_inputs)
+
+    return torch.compile(function, backend=backend), graphs
+
+
 def test_gpt2_small_has_gpt2_parameter_count():
     model = GPT(GPTConfig.from_preset("gpt2"))
     assert model.num_params() == 124_439_808
@@ -103,15 +115,10 @@ def test_loss_alone_equals_forwards_and_takes_logits_in_chunks(monkeypatch, max_
     model.zero_grad()
     if max_logits:
         monkeypatch.setattr(llm.model, "MAX_LOGITS_PER_CHUNK", max_logits)
-    chunk_rows, graphs = [], []
+    chunk_rows = []
     chunk_loss = llm.loss.cross_entropy_rows
     if compiled:
-
-        def backend(graph, example_inputs):
-            graphs.append(graph.code)
-            return lookup_backend("aot_eager")(graph, example_inputs)
-
-        loss_of = torch.compile(model.loss, backend=backend)
+        loss_of, graphs = compiled_keeping_graphs(model.loss)
     else:  # count the chunks' rows (a side effect torch.compile would refuse here)
 
         def counted_chunk_loss(logits, *args):
@@ -122,8 +129,9 @@ def test_loss_alone_equals_forwards_and_takes_logits_in_chunks(monkeypatch, max_
         loss_of = model.loss
     loss = loss_of(idx, targets)
     (2 * loss).backward()
-    if compiled:
-        assert len(graphs) == 1 and "autograd_function_apply" in graphs[0]
+    if compiled:  # one chunk's loss is one logsumexp in the Function's forward
+        assert len(graphs) == 1 and "autograd_function_apply" in graphs[0].code
+        assert graphs[0].fwd_body_0.code.count("logsumexp") == (7 if max_logits else 1)
     else:
         assert chunk_rows == ([7] * 6 + [6] if max_logits else [48])
     assert torch.allclose(loss, expected, atol=1e-6)
@@ -136,7 +144,17 @@ def test_loss_alone_equals_forwards_and_takes_logits_in_chunks(monkeypatch, max_
         model.loss(idx, targets)
 
 
-def test_residual_stream_is_carried_in_the_autocast_dtype():
+def test_compiled_loss_serves_every_batch_size_with_two_graphs():
+    # The first call compiles for its shapes, the second for any batch size (dynamic shapes);
+    # chunking arithmetic on the batch size would fix it in every graph: one per size.
+    loss_of, graphs = compiled_keeping_graphs(GPT(TINY).loss)
+    for batch_size in (1, 2, 3, 5):
+        idx = torch.randint(0, 100, (batch_size, 16))
+        loss_of(idx, idx).backward()
+    assert len(graphs) == 2
+
+
+def test_residual_stream_is_bf16_under_bf16_autocast_only():
     model = GPT(TINY)
     block_inputs = []
     model.blocks[1].register_forward_pre_hook(lambda module, args: block_inputs.append(args[0]))
@@ -144,8 +162,20 @@ def test_residual_stream_is_carried_in_the_autocast_dtype():
     model(idx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, loss = model(idx, idx)
-    assert [x.dtype for x in block_inputs] == [torch.float32, torch.bfloat16]
+    with torch.autocast("cpu", dtype=torch.float16):  # fp16's range is too narrow for it
+        model(idx)
+    assert [x.dtype for x in block_inputs] == [torch.float32, torch.bfloat16, torch.float32]
     assert loss.dtype == torch.float32  # the loss itself is taken in fp32
+
+
+def test_fp16_training_lets_autograd_make_the_loss_gradient():
+    # fp16's loss scale reaches the gradients only in the backward pass: LinearCrossEntropy's
+    # gradient, made in the forward pass, would underflow first.
+    loss_of, graphs = compiled_keeping_graphs(GPT(TINY).loss)
+    idx = torch.randint(0, 100, (2, 16))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss_of(idx, idx)
+    assert len(graphs) == 1 and "autograd_function_apply" not in graphs[0].code
 
 
 def test_tied_weights_share_storage():
