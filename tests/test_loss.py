@@ -26,8 +26,8 @@ def test_rows_gradient_is_autograds_and_padded_columns_take_none():
     assert no_grad is None and torch.allclose(alone, losses, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows_per_chunk", [10, 4])
-def test_linear_cross_entropy_equals_autograd_through_the_logits(rows_per_chunk):
+@pytest.mark.parametrize("max_rows_per_chunk", [10, 4])  # one chunk; 4, 4 and 2 rows
+def test_linear_cross_entropy_equals_autograd_through_the_logits(max_rows_per_chunk):
     torch.manual_seed(0)
     x = torch.randn(10, 16, requires_grad=True)
     weight = torch.randn(64, 16, requires_grad=True)  # 50 real rows padded to 64
@@ -35,7 +35,7 @@ def test_linear_cross_entropy_equals_autograd_through_the_logits(rows_per_chunk)
     targets[3] = IGNORE_INDEX
     expected = F.cross_entropy((x @ weight.T)[:, :50], targets, ignore_index=IGNORE_INDEX)
     expected_grads = torch.autograd.grad(3 * expected, (x, weight))
-    loss = LinearCrossEntropy.apply(x, weight, targets, 50, rows_per_chunk)
+    loss = LinearCrossEntropy.apply(x, weight, targets, 50, max_rows_per_chunk)
     grads = torch.autograd.grad(3 * loss, (x, weight))
     assert torch.allclose(loss, expected, atol=1e-6)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
