@@ -373,18 +373,14 @@ class GPT(nn.Module):
         With GPT-2's vocabulary the logits are the largest tensor of a training step (most of
         the step of a 128-wide model on a CPU); ``torch.compile`` fuses the slice, softmax and
         loss into one pass over them."""
-        logits = self._logits(x)  # (B, T, V)
+        # The padded rows are never real tokens: dropping their logits keeps them out of the
+        # softmax, so they are never sampled and never take probability mass in the loss.
+        logits = self.lm_head(self.final_norm(x))[..., : self.config.vocab_size]  # (B, T, V)
         if targets is None:
             return logits, None
         self._check_targets(targets, logits.shape[:-1])
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
-
-    def _logits(self, x: Tensor) -> Tensor:
-        """Hidden states (..., C) -> logits (..., V) over the real vocabulary."""
-        # The padded rows are never real tokens: dropping their logits keeps them out of the
-        # softmax, so they are never sampled and never take probability mass in the loss.
-        return self.lm_head(self.final_norm(x))[..., : self.config.vocab_size]
 
     def _check_targets(self, targets: Tensor, shape: torch.Size) -> None:
         """Raise a ValueError unless the targets are token ids (torch.long) of the given shape,
