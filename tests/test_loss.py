@@ -1,5 +1,12 @@
-"""The LM head's loss for training: each row's cross-entropy and its gradient by hand, and the
-chunked linear cross-entropy against plain autograd."""
+"""The LM head's loss for training: each row's cross-entropy and its gradient by hand, the
+chunked linear cross-entropy against plain autograd, and the Triton kernel (run by Triton's
+interpreter on CPUs) against PyTorch."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,3 +58,72 @@ def test_all_targets_ignored_give_pytorchs_nan_loss_but_no_nan_gradient():
     assert F.cross_entropy(x @ weight.T, targets).isnan() and loss.isnan()
     loss.backward()
     assert (x.grad == 0).all() and (weight.grad == 0).all()
+
+
+# Run in a process of its own: Triton reads TRITON_INTERPRET when llm.loss defines the kernel.
+KERNEL_AGAINST_PYTORCH = """
+import json, torch, torch.nn.functional as F
+import llm.loss
+from llm.loss import IGNORE_INDEX, LinearCrossEntropy, cross_entropy_rows
+
+def pytorch_rows(*args):
+    kernel_runs_on, llm.loss._triton_runs_on = llm.loss._triton_runs_on, lambda tensor: False
+    try:
+        return cross_entropy_rows(*args, with_grad=True)
+    finally:
+        llm.loss._triton_runs_on = kernel_runs_on
+
+torch.manual_seed(0)
+# 5000 real columns padded to 5056: three of the kernel's 2048-column blocks a row, so the
+# running maximum and sum carry over blocks. Targets in the first, middle and last block.
+targets = torch.tensor([4999, 0, IGNORE_INDEX, 2500, 4096])
+inv_count = 1 / (targets != IGNORE_INDEX).sum()
+report = {"kernel_runs_on_cpu": llm.loss._triton_runs_on(targets)}
+for dtype in (torch.float32, torch.bfloat16):
+    logits = (torch.randn(5, 5056) * 3).to(dtype)
+    logits[1, 4500] = 30  # a row whose maximum is in its last block
+    losses, grad = torch.ops.llm.cross_entropy_rows(logits, targets, 5000, inv_count)
+    expected_losses, expected_grad = pytorch_rows(logits, targets, 5000, inv_count)
+    report[str(dtype)] = {
+        "dtype": str(grad.dtype),
+        "loss_error": (losses - expected_losses).abs().max().item(),
+        "grad_error": (grad.float() - expected_grad.float()).abs().max().item(),
+        "padding_and_ignored_grad": grad[:, 5000:].abs().sum().item() + grad[2].abs().sum().item(),
+    }
+x = torch.randn(6, 16, requires_grad=True)
+weight = torch.randn(5056, 16, requires_grad=True)
+targets = torch.tensor([1, 4999, IGNORE_INDEX, 3000, 2048, 7])
+expected = F.cross_entropy((x @ weight.T)[:, :5000], targets, ignore_index=IGNORE_INDEX)
+expected_grads = torch.autograd.grad(expected, (x, weight))
+loss = LinearCrossEntropy.apply(x, weight, targets, 5000, 4)  # two chunks
+grads = torch.autograd.grad(loss, (x, weight))
+report["linear"] = {
+    "loss_error": (loss - expected).abs().item(),
+    "grad_error": max((g - e).abs().max().item() for g, e in zip(grads, expected_grads)),
+}
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="Triton is not installed (pip install triton; the dev extra installs it on Linux)",
+)
+def test_triton_kernel_equals_pytorch_under_the_interpreter():
+    result = subprocess.run(
+        [sys.executable, "-c", KERNEL_AGAINST_PYTORCH],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["kernel_runs_on_cpu"]  # so cross_entropy_rows takes the kernel here too
+    fp32, bf16 = report["torch.float32"], report["torch.bfloat16"]
+    assert fp32["dtype"] == "torch.float32" and bf16["dtype"] == "torch.bfloat16"
+    assert fp32["loss_error"] < 1e-5 and fp32["grad_error"] < 1e-7
+    # Both ways the gradient is worked out in fp32: in bf16 they differ by at most one rounding.
+    assert bf16["loss_error"] < 1e-4 and bf16["grad_error"] <= 2**-9
+    assert fp32["padding_and_ignored_grad"] == 0 and bf16["padding_and_ignored_grad"] == 0
+    assert report["linear"]["loss_error"] < 1e-5 and report["linear"]["grad_error"] < 1e-5
