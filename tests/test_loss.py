@@ -90,6 +90,27 @@ for dtype in (torch.float32, torch.bfloat16):
         "grad_error": (grad.float() - expected_grad.float()).abs().max().item(),
         "padding_and_ignored_grad": grad[:, 5000:].abs().sum().item() + grad[2].abs().sum().item(),
     }
+# Every target ignored: the count is 0 and inv_count inf, yet the gradient is 0, not NaN. A
+# target outside the vocabulary (a padded column, or past the row) makes its row's loss NaN.
+logits = torch.randn(3, 5056)
+ignored = torch.full((3,), IGNORE_INDEX)
+losses, grad = torch.ops.llm.cross_entropy_rows(logits, ignored, 5000, 1 / torch.tensor(0))
+report["all_ignored"] = {"losses": losses.abs().sum().item(), "grad": grad.abs().sum().item()}
+outside = torch.tensor([5000, 9999, 7])
+losses, _ = torch.ops.llm.cross_entropy_rows(logits, outside, 5000, torch.tensor(1 / 3))
+report["outside_nan"] = losses.isnan().tolist()
+# Compiled with dynamic shapes, one graph serves any number of rows.
+graphs = []
+def count_graphs(graph_module, example_inputs):
+    graphs.append(graph_module)
+    return graph_module.forward
+rows_loss = torch.compile(
+    lambda lg, t: cross_entropy_rows(lg, t, 5000, torch.tensor(0.5), with_grad=True),
+    backend=count_graphs, dynamic=True,
+)
+for rows in (2, 3):
+    rows_loss(torch.randn(rows, 5056), torch.zeros(rows, dtype=torch.long))
+report["graphs"] = len(graphs)
 x = torch.randn(6, 16, requires_grad=True)
 weight = torch.randn(5056, 16, requires_grad=True)
 targets = torch.tensor([1, 4999, IGNORE_INDEX, 3000, 2048, 7])
@@ -127,3 +148,6 @@ def test_triton_kernel_equals_pytorch_under_the_interpreter():
     assert bf16["loss_error"] < 1e-4 and bf16["grad_error"] <= 2**-9
     assert fp32["padding_and_ignored_grad"] == 0 and bf16["padding_and_ignored_grad"] == 0
     assert report["linear"]["loss_error"] < 1e-5 and report["linear"]["grad_error"] < 1e-5
+    assert report["all_ignored"] == {"losses": 0, "grad": 0}
+    assert report["outside_nan"] == [True, True, False]
+    assert report["graphs"] == 1
