@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
@@ -279,19 +280,24 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
     }
     if not torch.cuda.is_available():
         cases["trainer=gpu"] = "torch sees no CUDA GPU"
-    run_dir = f"hydra.run.dir={tmp_path / 'run'}"
-    runs = [((override, run_dir), message) for override, message in cases.items()]
+    run_dirs = [tmp_path / f"run-{number}" for number in range(len(cases))]
+    runs = [
+        ((override, f"hydra.run.dir={run_dir}"), message)
+        for (override, message), run_dir in zip(cases.items(), run_dirs, strict=True)
+    ]
     # Hydra makes the run's folder itself, before any llm code runs.
     hydra_fix = "log there: set hydra.run.dir= (hydra.sweep.dir= with --multirun) to a folder"
     runs.append(((f"hydra.run.dir={a_file / 'run'}",), hydra_fix))
-    for overrides, message in runs:
-        result = run_script("tokenizer.name=bytes", *overrides)
+    # Two at a time, each in its own folder: every run is mostly Python's imports, on one core.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = pool.map(lambda run: run_script("tokenizer.name=bytes", *run[0]), runs)
+    for (overrides, message), result in zip(runs, results, strict=True):
         assert result.returncode == 1, overrides
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and message in errors[0], (overrides, result.stderr)
         assert "Traceback" not in result.stderr, (overrides, result.stderr)
         assert "Error executing job" not in result.stderr, (overrides, result.stderr)
-        assert not (tmp_path / "run").exists()  # Hydra's folder for the run is gone again
+    assert not any(run_dir.exists() for run_dir in run_dirs)  # Hydra's folders are gone again
     # A rerun where an earlier run left checkpoints is refused before Hydra writes there.
     earlier = tmp_path / "earlier"
     (earlier / "checkpoints").mkdir(parents=True)
@@ -1300,8 +1306,10 @@ class CountHostReads(L.Callback):
 
     def __init__(self) -> None:
         self.reads, self.patches = 0, pytest.MonkeyPatch()
+        self.read_steps: set[int] = set()  # the optimizer steps done at each read
 
-    def on_train_start(self, *args: object) -> None:
+    def on_train_start(self, trainer: L.Trainer, *args: object) -> None:
+        self.trainer = trainer
         for name in self.READS:
             self.patches.setattr(torch.Tensor, name, self.counted(getattr(torch.Tensor, name)))
 
@@ -1312,12 +1320,13 @@ class CountHostReads(L.Callback):
         def counted_read(tensor: torch.Tensor) -> object:
             if sys._getframe(1).f_code is not GPT._check_in_vocabulary.__code__:
                 self.reads += 1
+                self.read_steps.add(self.trainer.global_step)
             return read(tensor)
 
         return counted_read
 
 
-def count_host_reads(val_batches: int) -> tuple[int, GPTLightningModule, RecordMetrics]:
+def count_host_reads(val_batches: int) -> tuple[CountHostReads, GPTLightningModule, RecordMetrics]:
     """Host reads of a 40-step run that logs every 10 steps and validates 4 times on
     ``val_batches`` batches, with its module and what it logged."""
     B, steps = 4, 40
@@ -1335,16 +1344,20 @@ def count_host_reads(val_batches: int) -> tuple[int, GPTLightningModule, RecordM
         enable_progress_bar=True,  # the bar's own reads of the loss count too
     )
     trainer.fit(module, token_batches(steps, B), token_batches(val_batches, B))
-    return counter.reads, module, logger
+    return counter, module, logger
 
 
 def test_training_steps_read_the_device_only_every_few_steps(fused_adamw):
     # On CUDA every read of a device value waits for the GPU: training must not read every step,
     # nor validation every batch. (The fused AdamW matters: the CPU's unfused one reads its step
     # count every step.)
-    reads, module, logger = count_host_reads(val_batches=6)
+    counter, module, logger = count_host_reads(val_batches=6)
+    reads = counter.reads
     assert reads <= (4 + 4) * 10, reads  # some values at each of 4 logging steps and validations
-    assert count_host_reads(val_batches=2)[0] == reads  # none per validation batch
+    assert count_host_reads(val_batches=2)[0].reads == reads  # none per validation batch
+    # The progress bar, the logger, the throughput monitor and validation all read after the
+    # same steps: the GPU's queue runs dry once every 10 steps, not at each one's own step.
+    assert counter.read_steps == {10, 20, 30, 40}
     assert module.flops_per_batch == module.flops_per_token * 4 * TINY_CONTEXT  # B=4
     assert sorted(s for s, m in logger.logged.items() if "train/loss" in m) == [9, 19, 29, 39]
     factor = warmup_cosine(39, module.warmup_steps, 40, module.min_lr / module.learning_rate)
