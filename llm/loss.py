@@ -110,7 +110,8 @@ def cross_entropy_rows(
 ) -> tuple[Tensor, Tensor | None]:
     """Each row's cross-entropy (n,), in fp32, for logits (n, V_padded) over their first
     ``vocab_size`` columns (0 where the target is ``IGNORE_INDEX``) and, with ``with_grad``,
-    the gradient of ``inv_count · sum(losses)`` for the logits (n, V_padded), in their dtype."""
+    the gradient of ``inv_count · sum(losses)`` for the logits (n, V_padded), in their dtype.
+    With the gradient, on GPUs (or under Triton's interpreter) this is the Triton kernel below."""
     if not with_grad:  # PyTorch's own loss: fused kernels in eager mode, autograd's gradient
         losses = F.cross_entropy(
             logits[:, :vocab_size], targets, ignore_index=IGNORE_INDEX, reduction="none"
