@@ -31,6 +31,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
             Path(tmp).unlink(missing_ok=True)  # gone already if renamed
 
 
+def link_atomically(source: Path, path: Path) -> None:
+    """Make ``path`` a second name for the file ``source`` (a hard link: no copy of its bytes),
+    replacing whatever ``path`` was in one step. Raises OSError where the file system has no hard
+    links, leaving ``path`` as it was."""
+    with atomic_path(path) as temporary:
+        temporary.unlink()  # the name is free for the link
+        os.link(source, temporary)
+
+
 @contextmanager
 def made_folder(path: Path) -> Iterator[None]:
     """Make the folder ``path`` (and the folders above it that are missing) for the block to

@@ -115,9 +115,13 @@ def register_model_presets() -> None:
         store.store(group="model", name=name, node=node)
 
 
-# Every number the run depends on, checked before anything is built.
+# Every number the run depends on, checked before anything is built. The data's and the
+# module's seeds are the run's (${seed}) unless set apart.
 CHECKS: list[Check] = [
-    ("seed", INTEGER, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    *(
+        (key, INTEGER, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+        for key in ("seed", "data.seed", "module.seed")
+    ),
     ("trainer.max_steps", INTEGER, positive, "a positive integer"),
     ("trainer.val_check_interval", INTEGER, positive, "a positive integer (steps)"),
     ("trainer.log_every_n_steps", INTEGER, positive, "a positive integer"),

@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
@@ -51,12 +52,20 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def dropout_seed(seed: int, rank: int, step: int, micro_batch: int) -> int:
+    """The seed dropout draws its masks from for one micro-batch (``micro_batch`` counts the
+    batches accumulated into optimizer step ``step``). A pure function, like the data's windows:
+    each rank draws its own masks, and a resumed run draws those the uninterrupted one drew,
+    with no generator state to save."""
+    return int(np.random.SeedSequence([seed, rank, step, micro_batch]).generate_state(1)[0])
+
+
 class GPTLightningModule(L.LightningModule):
     """Trains a ``GPT`` on ``(inputs, targets)`` batches of token ids, both (B, T).
 
     ``model`` holds ``GPTConfig`` fields and ``tokenizer`` the ``{"name", "path"}`` the data was
     encoded with; both are saved in every checkpoint so it can be loaded on its own. The
-    schedule's length is the trainer's ``max_steps``.
+    schedule's length is the trainer's ``max_steps``. ``seed`` seeds dropout (``dropout_seed``).
     """
 
     def __init__(
@@ -71,6 +80,7 @@ class GPTLightningModule(L.LightningModule):
         compile_model: bool = False,
         compile_mode: str = "default",
         check_finite_every: int = 50,
+        seed: int = 1337,
     ) -> None:
         super().__init__()
         # Every argument goes into the checkpoint. Pass plain containers (not OmegaConf nodes)
@@ -87,6 +97,7 @@ class GPTLightningModule(L.LightningModule):
         self.compile_model = compile_model
         self.compile_mode = compile_mode
         self.check_finite_every = check_finite_every
+        self.seed = seed
         # The validation loss is a mean over every token of every rank: its sum and the token
         # count stay on the device until the end. No NaN check: torchmetrics' reads the device
         # on every batch (and would drop a NaN loss that should show).
@@ -149,6 +160,9 @@ class GPTLightningModule(L.LightningModule):
         # endless epoch, it restores that count one short (it takes the checkpoint for one saved
         # at an epoch's end), and every later log would land a step early.
         self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
+        # Seeds torch's generators, the GPU's too (a host-side setting: no wait for the device).
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches
+        torch.manual_seed(dropout_seed(self.seed, self.global_rank, self.global_step, micro_batch))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         optimizer_stepped = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
@@ -209,23 +223,11 @@ class GPTLightningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite()  # a diverged model is never saved over a good checkpoint
-        # Dropout draws from the generator of the device it runs on (torch's own on a CPU):
-        # restoring them makes a resumed run exact.
-        checkpoint["torch_rng_state"] = torch.get_rng_state()
-        device = self.trainer.strategy.root_device
-        if device.type == "cuda":
-            checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state(device)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("model")
         if saved is not None:
             check_same_model(saved, self.hparams["model"])
-        if "torch_rng_state" in checkpoint:
-            torch.set_rng_state(checkpoint["torch_rng_state"])
-        if "cuda_rng_state" in checkpoint:
-            device = self.trainer.strategy.root_device  # the module may not be on it yet
-            if device.type == "cuda":
-                torch.cuda.set_rng_state(checkpoint["cuda_rng_state"], device)
 
     def configure_gradient_clipping(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -170,24 +171,29 @@ class SignalAtStep(L.Callback):
 
 
 class PoisonAtStep(L.Callback):
-    """Makes the weights NaN after a given step, as a diverging run would."""
+    """Sets the final norm's gains to ``value`` after a given step: NaN, as a diverging run
+    would, or 0, which makes every prediction uniform (a worse loss, but finite)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, value: float = float("nan")) -> None:
+        self.step, self.value = step, value
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             with torch.no_grad():
-                pl_module.model.final_norm.weight.fill_(float("nan"))
+                pl_module.model.final_norm.weight.fill_(self.value)
 
 
 class RecordFirstBatch(L.Callback):
-    """Saves each rank's first training batch and learning rate, and its first validation
-    batch, next to the checkpoints."""
+    """Saves each rank's first training batch, learning rate and a draw from torch's generator
+    after it, and its first validation batch, next to the checkpoints."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0:
-            record = {"batch": batch[0].cpu(), "learning_rate": pl_module.learning_rate}
+            record = {
+                "batch": batch[0].cpu(),
+                "learning_rate": pl_module.learning_rate,
+                "draw": torch.rand(8),
+            }
             torch.save(record, Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -245,6 +251,10 @@ def test_train_script_writes_checkpoints_and_tensorboard(corpus, tmp_path):
     assert hparams["trainer/max_steps"].number_value == 6
     hp_metric = events.Scalars("hp_metric")
     assert hp_metric[-1].value == events.Scalars("val/loss")[-1].value
+    # The last validation was the best: last.ckpt is a second name for best.ckpt's file.
+    val_losses = [event.value for event in events.Scalars("val/loss")]
+    assert val_losses[-1] == min(val_losses)
+    assert (run_dir / "checkpoints" / "last.ckpt").samefile(run_dir / "checkpoints" / "best.ckpt")
 
 
 @pytest.mark.slow
@@ -469,6 +479,10 @@ def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, sign
     checkpoints = sorted(p.name for p in interrupted.parent.iterdir())
     assert checkpoints == (["best.ckpt", "last.ckpt"] if step >= 2 else ["last.ckpt"])
     assert validated_steps(first_dir) == ([2] if step >= 2 else [])
+    if step == 4:  # the stop saved last.ckpt anew, as a file of its own: best.ckpt is step 3's
+        best = interrupted.parent / "best.ckpt"
+        assert not best.samefile(interrupted)
+        assert torch.load(best, weights_only=True)["global_step"] == 3
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # but for the warnings llm filters itself
@@ -618,6 +632,31 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
 
 
 @pytest.mark.slow
+def test_a_validation_that_is_not_the_best_leaves_best_ckpt_alone(corpus, tmp_path):
+    cfg = compose_run(tiny_overrides(corpus, tmp_path), tmp_path)
+    with open_dict(cfg):  # the predictions turn uniform just before the second validation
+        cfg.callbacks.spoil = {"_target_": f"{__name__}.PoisonAtStep", "step": 6, "value": 0.0}
+    train(cfg)
+    best, last = (tmp_path / "checkpoints" / name for name in ("best.ckpt", "last.ckpt"))
+    assert torch.load(best, weights_only=True)["global_step"] == 3
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    assert not best.samefile(last)
+
+
+def test_without_hard_links_last_ckpt_is_saved_as_a_copy(corpus, tmp_path, monkeypatch, caplog):
+    def no_links(source: object, destination: object) -> None:
+        raise PermissionError(1, "Operation not permitted")  # as on a FAT or some network drives
+
+    monkeypatch.setattr(os, "link", no_links)
+    caplog.set_level(logging.INFO, logger="llm.callbacks")
+    train_tiny(corpus, tmp_path)
+    best, last = (tmp_path / "checkpoints" / name for name in ("best.ckpt", "last.ckpt"))
+    assert not best.samefile(last)
+    assert [torch.load(path, weights_only=True)["global_step"] for path in (best, last)] == [6, 6]
+    assert "last.ckpt is saved as a copy" in caplog.text
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.ckpt", "last.ckpt"]  # no .tmp
+
+
 def test_a_resume_or_rerun_that_cannot_work_fails_clearly(corpus, tmp_path):
     run_dir = tmp_path / "run"
     train_tiny(corpus, run_dir)
@@ -830,14 +869,16 @@ def run_ddp_on_cpu(*overrides: str, sweep: bool = False) -> subprocess.Completed
 
 
 @pytest.mark.slow
-def test_ddp_on_cpu_ranks_see_different_batches(corpus, tmp_path):
+def test_ddp_on_cpu_ranks_see_different_batches_and_dropout(corpus, tmp_path):
     run_dir = tmp_path / "run"
     result = run_ddp_on_cpu(
         *tiny_overrides(corpus, run_dir), "trainer.max_steps=3", f"hydra.run.dir={run_dir}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(run_dir / f"rank{r}.pt")["batch"] for r in (0, 1))
-    assert rank0.shape == rank1.shape and not torch.equal(rank0, rank1)
+    rank0, rank1 = (torch.load(run_dir / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["batch"].shape == rank1["batch"].shape
+    assert not torch.equal(rank0["batch"], rank1["batch"])
+    assert not torch.equal(rank0["draw"], rank1["draw"])  # and draw their own dropout masks
     val0, val1 = (torch.load(run_dir / f"rank{r}_val.pt") for r in (0, 1))
     assert val0.shape == val1.shape and not torch.equal(val0, val1)  # each validates its share
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
@@ -928,6 +969,8 @@ def test_a_source_folder_named_by_a_number(corpus, tmp_path, monkeypatch):
             "model.n_embd (32) must be divisible by n_head (5); try model.n_embd=30.",
         ),
         ("model.dropout=1.5", "model.dropout must be in [0, 1), got 1.5."),
+        ("data.seed=-1", "data.seed must be an integer in [0, 2**32), got -1"),
+        ("module.seed=2**32", "module.seed must be an integer in [0, 2**32), got '2**32'"),
         ("trainer.limit_val_batches=-1", "trainer.limit_val_batches must be null (every batch)"),
         ("trainer.limit_val_batches=1.5", "a number of batches, or a fraction in [0, 1], got 1.5"),
     ],
@@ -1136,21 +1179,31 @@ def test_a_schedule_without_max_steps_is_refused():
         trainer.fit(tiny_module(), train_dataloaders=token_batches(2, 4))
 
 
-def test_checkpoints_carry_the_generator_of_the_gpu_that_trains(monkeypatch):
-    # Dropout on a GPU draws from that GPU's generator: a resumed run must restore it to repeat
-    # the uninterrupted one. (The CPU's generator is covered by the resume test.)
-    module, gpu = tiny_module(), torch.device("cuda", 0)
-    strategy = SimpleNamespace(root_device=gpu)
-    module.trainer = SimpleNamespace(world_size=1, global_step=0, strategy=strategy)
-    state, restored = torch.arange(16, dtype=torch.uint8), {}
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: {gpu: state}[device])
-    monkeypatch.setattr(
-        torch.cuda, "set_rng_state", lambda new, device: restored.update({device: new})
-    )
-    checkpoint: dict[str, Any] = {}
-    module.on_save_checkpoint(checkpoint)
-    module.on_load_checkpoint(checkpoint)
-    assert torch.equal(restored[gpu], state)
+def test_dropout_masks_differ_by_rank_and_step_and_repeat_on_resume():
+    # Ranks share the seed and the weights, not the data: each draws its own masks. A step's
+    # masks are the same whenever it runs, which makes a resumed run repeat the uninterrupted one.
+    def mask(
+        rank: int, step: int, batch_idx: int, accumulate: int = 1, seed: int = 7
+    ) -> torch.Tensor:
+        module = tiny_module(seed=seed)
+        loops = SimpleNamespace(epoch_loop=SimpleNamespace())
+        module.trainer = SimpleNamespace(
+            global_rank=rank, global_step=step, accumulate_grad_batches=accumulate, fit_loop=loops
+        )
+        module.on_train_batch_start(None, batch_idx)
+        return torch.nn.functional.dropout(torch.ones(256), 0.5)
+
+    first = mask(rank=0, step=3, batch_idx=3)
+    torch.rand(100)  # whatever drew from the generator in between
+    assert torch.equal(mask(rank=0, step=3, batch_idx=3), first)
+    others = [
+        mask(rank=1, step=3, batch_idx=3),
+        mask(rank=0, step=4, batch_idx=4),
+        mask(rank=0, step=3, batch_idx=3, seed=8),
+        mask(rank=0, step=3, batch_idx=7, accumulate=2),  # the second of the step's two batches
+    ]
+    assert all(not torch.equal(other, first) for other in others)
+    assert torch.equal(mask(rank=0, step=3, batch_idx=6, accumulate=2), first)
 
 
 def token_batches(steps: int, batch_size: int) -> torch.utils.data.DataLoader:
