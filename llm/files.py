@@ -63,11 +63,22 @@ def check_folder(path: str | Path, setting: str, writing: bool = True) -> None:
     existing = missing[-1].parent if missing else Path(path).resolve()
     if not existing.is_dir():
         problem = f"{existing} is not a folder"
-    elif writing and not os.access(existing, os.W_OK):
+    elif writing and not _can_write_in(existing):
         problem = f"{existing} is not writable"
     else:
         return
     raise ValueError(f"cannot write in {path} ({problem}): set {setting} to a folder you can write")
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Whether a file can be made in ``folder``: tried with a nameless temporary file, gone again
+    at once. Permission bits alone mislead: root may write anywhere they say, except in folders
+    such as /proc."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def _missing_folders(path: Path) -> list[Path]:

@@ -14,6 +14,7 @@ import os
 import runpy
 import signal
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -568,16 +569,21 @@ def test_output_folder_is_checked_before_any_work(
 ) -> None:
     data_dir = tmp_path / "data"
 
-    def read_only(path: object, mode: int) -> bool:
-        return False
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(os, "access", read_only)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     with pytest.raises(ValueError, match=r"data/story \(.* is not writable\): set --data-dir"):
         data.check_output_folder(str(text_file), data_dir, "--data-dir")
     assert not data_dir.exists()  # creates nothing
     monkeypatch.undo()
+    if Path("/proc/self").is_dir():  # Linux: no file can be made there, not even by root
+        with pytest.raises(ValueError, match=r"\(/proc is not writable\): set --data-dir"):
+            data.check_output_folder(str(text_file), "/proc/data", "--data-dir")
+    data.check_output_folder(str(text_file), data_dir, "--data-dir")
+    assert list(tmp_path.iterdir()) == [text_file.parent]  # the try left nothing behind
     data.prepare(str(text_file), bytes_tok, data_dir)
-    monkeypatch.setattr(os, "access", read_only)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     # Prepared before: unchanged inputs are never written again, so a read-only folder is fine.
     data.check_output_folder(str(text_file), data_dir, "--data-dir")
     with pytest.raises(ValueError, match=f"{text_file} is not a folder"):
