@@ -347,11 +347,19 @@ class BestAndLastCheckpoint(ModelCheckpoint):
       it was. Where the file system has no hard links, the copy is saved as usual.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hard_links = True  # until the file system refuses one
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        # Skipped where Lightning saved at this step already (a best, with last.ckpt beside it).
+        # Skipped where Lightning saved at this step already (a best, with last.ckpt beside it),
+        # and where a stop on a signal saved last.ckpt just before this validation: a run
+        # resumed from that one starts after the validation, as it would from a new save.
+        stopped = any(isinstance(c, GracefulStop) and c.checkpoint_path for c in trainer.callbacks)
         if (
             self.save_last
+            and not stopped
             and not self._should_save_on_train_epoch_end(trainer)
             and not self._should_skip_saving_checkpoint(trainer)
         ):
@@ -365,11 +373,12 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         if filepath != self.last_model_path or not saved_now:
             return super()._save_checkpoint(trainer, filepath)
         linked = False
-        if trainer.is_global_zero:  # the one rank that writes files
+        if trainer.is_global_zero and self.hard_links:  # the one rank that writes files
             try:
                 link_atomically(Path(saved), Path(filepath))
                 linked = True
             except OSError:
+                self.hard_links = False  # not tried again
                 log.info("No hard links in %s: last.ckpt is saved as a copy", self.dirpath)
         # Every rank saves, or none: under FSDP a save gathers the weights from all of them.
         if not trainer.strategy.broadcast(linked):

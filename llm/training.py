@@ -57,7 +57,9 @@ def dropout_seed(seed: int, rank: int, step: int, micro_batch: int) -> int:
     batches accumulated into optimizer step ``step``). A pure function, like the data's windows:
     each rank draws its own masks, and a resumed run draws those the uninterrupted one drew,
     with no generator state to save."""
-    return int(np.random.SeedSequence([seed, rank, step, micro_batch]).generate_state(1)[0])
+    return int(
+        np.random.SeedSequence([seed, rank, step, micro_batch]).generate_state(1, np.uint64)[0]
+    )
 
 
 class GPTLightningModule(L.LightningModule):

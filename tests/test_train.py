@@ -38,6 +38,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from llm.callbacks import (
+    AtomicCheckpointIO,
     GPTSummary,
     GracefulStop,
     InspectionLogger,
@@ -643,6 +644,24 @@ def test_a_validation_that_is_not_the_best_leaves_best_ckpt_alone(corpus, tmp_pa
     assert not best.samefile(last)
 
 
+def test_a_stop_at_a_validation_writes_last_ckpt_once(corpus, tmp_path, monkeypatch):
+    saves: list[tuple[str, int]] = []
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def recorded(self, checkpoint: dict[str, Any], path: str | Path, **options: object) -> None:
+        saves.append((Path(path).name, checkpoint["global_step"]))
+        save(self, checkpoint, path, **options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recorded)
+    cfg = compose_run(tiny_overrides(corpus, tmp_path, "trainer.max_steps=9"), tmp_path)
+    with open_dict(cfg):  # not a best at step 6, where the stop comes and a validation is due
+        cfg.callbacks.spoil = {"_target_": f"{__name__}.PoisonAtStep", "step": 5, "value": 0.0}
+        cfg.callbacks.signal = {"_target_": f"{__name__}.SignalAtStep", "step": 5}
+    assert train(cfg).signal_name == "SIGINT"
+    assert validated_steps(tmp_path) == [2, 5]
+    assert saves == [("best.ckpt", 3), ("last.ckpt", 6)]  # last.ckpt at 3: a link to best.ckpt
+
+
 def test_without_hard_links_last_ckpt_is_saved_as_a_copy(corpus, tmp_path, monkeypatch, caplog):
     def no_links(source: object, destination: object) -> None:
         raise PermissionError(1, "Operation not permitted")  # as on a FAT or some network drives
@@ -653,7 +672,7 @@ def test_without_hard_links_last_ckpt_is_saved_as_a_copy(corpus, tmp_path, monke
     best, last = (tmp_path / "checkpoints" / name for name in ("best.ckpt", "last.ckpt"))
     assert not best.samefile(last)
     assert [torch.load(path, weights_only=True)["global_step"] for path in (best, last)] == [6, 6]
-    assert "last.ckpt is saved as a copy" in caplog.text
+    assert caplog.text.count("last.ckpt is saved as a copy") == 1  # said once, at step 3
     assert sorted(p.name for p in last.parent.iterdir()) == ["best.ckpt", "last.ckpt"]  # no .tmp
 
 
