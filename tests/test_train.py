@@ -644,6 +644,7 @@ def test_a_validation_that_is_not_the_best_leaves_best_ckpt_alone(corpus, tmp_pa
     assert not best.samefile(last)
 
 
+@pytest.mark.slow
 def test_a_stop_at_a_validation_writes_last_ckpt_once(corpus, tmp_path, monkeypatch):
     saves: list[tuple[str, int]] = []
     save = AtomicCheckpointIO.save_checkpoint
@@ -662,6 +663,7 @@ def test_a_stop_at_a_validation_writes_last_ckpt_once(corpus, tmp_path, monkeypa
     assert saves == [("best.ckpt", 3), ("last.ckpt", 6)]  # last.ckpt at 3: a link to best.ckpt
 
 
+@pytest.mark.slow
 def test_without_hard_links_last_ckpt_is_saved_as_a_copy(corpus, tmp_path, monkeypatch, caplog):
     def no_links(source: object, destination: object) -> None:
         raise PermissionError(1, "Operation not permitted")  # as on a FAT or some network drives
