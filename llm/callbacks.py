@@ -250,6 +250,17 @@ def whole_model_on_rank_zero(wrapped: torch.nn.Module, model: GPT) -> GPT | None
     return copy.eval()  # no dropout: as the model is in validation
 
 
+def validation_due(trainer: L.Trainer) -> bool:
+    """Whether a validation falls after the batch that just ended (every ``val_check_batch``
+    batches of the run's one endless epoch)."""
+    return (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % trainer.val_check_batch == 0
+
+
+def stopped_by_signal(trainer: L.Trainer) -> bool:
+    """Whether ``GracefulStop`` saved ``last.ckpt`` for a signal at this step."""
+    return any(isinstance(c, GracefulStop) and c.checkpoint_path for c in trainer.callbacks)
+
+
 class GracefulStop(L.Callback):
     """On SIGINT (Ctrl-C) or SIGTERM, finish the current optimizer step, save ``last.ckpt`` and
     stop training, without validating first. A second Ctrl-C acts at once, as it would without
@@ -309,10 +320,7 @@ class GracefulStop(L.Callback):
         # Lightning validates once more on any stop, which on a large validation split can take
         # minutes after a Ctrl-C, or outlast a scheduler's grace period. Only a validation due at
         # this step anyway still runs: a resumed run starts after it and would never run it.
-        validation_due = (
-            trainer.fit_loop.epoch_loop.total_batch_idx + 1
-        ) % trainer.val_check_batch == 0
-        if not validation_due:
+        if not validation_due(trainer):
             trainer.limit_val_batches = 0
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -351,16 +359,35 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.hard_links = True  # until the file system refuses one
 
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # With validation off (trainer.limit_val_batches=0) Lightning would save only when
+        # training ends, and a crash would lose the whole run: last.ckpt is saved where each
+        # validation would have run instead, and at the last step.
+        if not trainer.enable_validation and (
+            validation_due(trainer) or trainer.global_step >= trainer.max_steps
+        ):
+            self._save_last(trainer)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last(trainer)
+
+    def _save_last(self, trainer: L.Trainer) -> None:
         # Skipped where Lightning saved at this step already (a best, with last.ckpt beside it),
-        # and where a stop on a signal saved last.ckpt just before this validation: a run
-        # resumed from that one starts after the validation, as it would from a new save.
-        stopped = any(isinstance(c, GracefulStop) and c.checkpoint_path for c in trainer.callbacks)
+        # and where a stop on a signal saved last.ckpt just before: a run resumed from that one
+        # starts after this step's validation, as it would from a new save.
         if (
             self.save_last
-            and not stopped
-            and not self._should_save_on_train_epoch_end(trainer)
+            and not stopped_by_signal(trainer)
             and not self._should_skip_saving_checkpoint(trainer)
         ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

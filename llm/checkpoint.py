@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -139,15 +139,31 @@ def read_training_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, Tensor], 
     return config, state_dict, tokenizer
 
 
-def training_checkpoint_config(
-    path: Path, wanted: str = ACCEPTED
-) -> tuple[GPTConfig, dict[str, Any], int]:
-    """The model config, tokenizer spec and optimizer steps taken of a training checkpoint, for
-    checks before training: none of its tensors is read. Raises like
-    ``read_training_checkpoint``, asking for ``wanted``."""
+class CheckpointSummary(NamedTuple):
+    """What a training checkpoint says about the run that wrote it, for checks before resuming."""
+
+    config: GPTConfig
+    tokenizer: dict[str, Any]
+    step: int  # optimizer steps taken
+    batches: int | None  # micro-batches taken (Lightning's loop state), None without it
+    resumable: bool  # holds the optimizer's and the loops' state, not only the weights
+
+
+def training_checkpoint_summary(path: Path, wanted: str = ACCEPTED) -> CheckpointSummary:
+    """The ``CheckpointSummary`` of a training checkpoint: none of its tensors is read. Raises
+    like ``read_training_checkpoint``, asking for ``wanted``."""
     checkpoint = _load_training_checkpoint(path, wanted)
     config, tokenizer = _described_model(checkpoint["hyper_parameters"], path)
-    return config, tokenizer, int(checkpoint.get("global_step", 0))
+    loops = checkpoint.get("loops") or {}
+    progress = loops.get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    batches = progress.get("total", {}).get("ready")
+    return CheckpointSummary(
+        config=config,
+        tokenizer=tokenizer,
+        step=int(checkpoint.get("global_step", 0)),
+        batches=batches,
+        resumable=bool(loops) and "optimizer_states" in checkpoint,
+    )
 
 
 def _described_model(

@@ -600,10 +600,10 @@ class TokenDataModule(L.LightningDataModule):
     source when its ``.bin`` files are missing or stale; ``setup`` opens them and checks they
     match the tokenizer. Training needs ``vocab_size`` (and ``tokenizer``, to decode samples).
 
-    Resuming: Lightning restores the step before it asks for the train dataloader, so the
-    loader starts at sample ``global_step × accumulate_grad_batches × batch_size`` of each
-    rank and continues exactly where the checkpoint stopped (see ``TrainWindows``). Without a
-    trainer it starts at ``start_sample``.
+    Resuming: every checkpoint holds the samples each rank has used (``state_dict``), and a
+    resumed run's loader starts at that sample of each rank, so it continues exactly where the
+    checkpoint stopped (see ``TrainWindows``), with another ``batch_size`` or number of ranks
+    too. Without a trainer the loader starts at ``start_sample``.
     """
 
     def __init__(
@@ -630,6 +630,8 @@ class TokenDataModule(L.LightningDataModule):
         self.seed = seed
         self.val_fraction = val_fraction
         self.start_sample = start_sample
+        self.restored_samples: int | None = None  # a resumed run's, from its checkpoint
+        self.first_step = 0  # the optimizer step the train loader started at
         self.train_set: TrainWindows | None = None
         self.val_set: ValWindows | None = None
 
@@ -659,15 +661,31 @@ class TokenDataModule(L.LightningDataModule):
         self.val_set = ValWindows(self.dataset_dir, self.context_length, rank, world_size)
 
     def train_dataloader(self) -> DataLoader:
+        # Lightning restores the checkpoint (load_state_dict, the step) before it asks for this.
+        trainer = self.trainer
         if self.train_set is not None:
-            self.train_set.start = self.start_sample
-            if self.trainer is not None:
-                # Checkpoints are taken between optimizer steps, so a resumed run has used
-                # exactly this many samples on each rank.
-                trainer = self.trainer
+            self.first_step = trainer.global_step if trainer else 0
+            if self.restored_samples is not None:
+                self.train_set.start = self.restored_samples
+            elif trainer:  # a new run, or one resumed from a checkpoint without the count
                 batches = trainer.global_step * trainer.accumulate_grad_batches
                 self.train_set.start = batches * self.batch_size
+            else:
+                self.train_set.start = self.start_sample
         return self._loader(self.train_set)
+
+    def state_dict(self) -> dict[str, int]:
+        """The train samples each rank has used: checkpoints are taken between optimizer steps,
+        each of ``accumulate_grad_batches`` batches."""
+        trainer = self.trainer
+        if self.train_set is None or trainer is None:
+            return {}
+        steps = trainer.global_step - self.first_step
+        used = steps * trainer.accumulate_grad_batches * self.batch_size
+        return {"samples_used": self.train_set.start + used}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.restored_samples = state_dict["samples_used"]
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)

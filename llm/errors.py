@@ -20,8 +20,15 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 # Errors that mean bad input: their message says what is wrong and how to fix it. Anything else
-# is a bug and keeps its traceback.
-EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, OmegaConfBaseException)
+# is a bug and keeps its traceback. Lightning raises MisconfigurationException for a setting it
+# refuses once the run has begun (too small a trainer.limit_val_batches fraction, say).
+EXPECTED_ERRORS = (
+    ValueError,
+    OSError,
+    FloatingPointError,
+    OmegaConfBaseException,
+    MisconfigurationException,
+)
 
 # Hydra's own messages that do not say how to fix what they refuse.
 HYDRA_FIXES = {
@@ -50,7 +57,7 @@ def refused_config(error: InstantiationException) -> str | None:
     cause = error.__cause__
     if isinstance(cause, ImportError):  # the _target_ names no class
         message = first_line(error).split(", set env var")[0]
-    elif isinstance(cause, (*EXPECTED_ERRORS, MisconfigurationException)) or (
+    elif isinstance(cause, EXPECTED_ERRORS) or (
         isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause)  # a typo
     ):
         message = first_line(cause)

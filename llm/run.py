@@ -8,12 +8,14 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, fields
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning as L
@@ -35,8 +37,9 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import InterpolationResolutionError
 
 from llm.callbacks import AtomicCheckpointIO, GracefulStop, InspectionLogger
-from llm.checkpoint import training_checkpoint_config
+from llm.checkpoint import training_checkpoint_summary
 from llm.checks import (
+    BOOLEAN,
     INTEGER,
     NUMBER,
     OPTIONAL_NUMBER,
@@ -50,11 +53,18 @@ from llm.data import REMOTE_SOURCES, check_output_folder, source_files
 from llm.errors import one_line_errors
 from llm.hardware import has_fast_bf16
 from llm.model import PRESETS, GPTConfig
-from llm.training import COMPILE_MODES, check_same_model
+from llm.training import COMPILE_MODES, LOGGED_METRICS, check_same_model
 
 log = logging.getLogger(__name__)
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 RESUMABLE = "a last.ckpt or best.ckpt written by scripts/train.py"
+# The datamodule's settings that are the run's (data.<key>: the setting it comes from), passed
+# in by ``build``: a tokenizer or window length of the data's own would not be the model's.
+DATA_FROM_RUN = {
+    "tokenizer_name": "tokenizer.name",
+    "tokenizer_path": "tokenizer.path",
+    "context_length": "model.context_length",
+}
 # What Lightning's DDP launcher sets in its own process's environment for the ranks it starts.
 LAUNCHER_ENVIRONMENT = (
     "MASTER_ADDR",
@@ -158,6 +168,21 @@ CHECKS: list[Check] = [
         lambda v: v in COMPILE_MODES,
         "one of " + ", ".join(COMPILE_MODES),
     ),
+    # A string such as "no" would count as true.
+    *(
+        (key, BOOLEAN, lambda v: True, "true or false")
+        for key in (
+            "module.compile_model",
+            "trainer.enable_progress_bar",
+            "trainer.enable_model_summary",
+        )
+    ),
+    (
+        "trainer.deterministic",
+        (bool, str),
+        lambda v: v in (True, False, "warn"),
+        "true, false or warn",
+    ),
 ]
 
 
@@ -167,6 +192,15 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
     check_known_keys(cfg.tokenizer, ("name", "path"), "tokenizer.")
     check_model(cfg.model)
     check_values(cfg, CHECKS)
+    for key, setting in DATA_FROM_RUN.items():
+        if key in cfg.data:
+            raise ValueError(f"data.{key} cannot be set: it is {setting}'s; set {setting}=...")
+    monitor = OmegaConf.select(cfg, "callbacks.checkpoint.monitor")
+    if monitor is not None and monitor not in LOGGED_METRICS:
+        raise ValueError(
+            f"callbacks.checkpoint.monitor={monitor} is no metric the run logs: use one of "
+            + ", ".join(LOGGED_METRICS)
+        )
     if not cfg.data.get("source"):
         raise ValueError(
             "data.source is not set: give a text file, a folder or a glob, "
@@ -190,25 +224,7 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
         # A truncated, foreign or unsafe file, or one of another model or tokenizer, fails here
         # in one line rather than in Lightning, and before any data is prepared. The vocabulary
         # is the tokenizer's, checked once it is loaded.
-        saved, tokenizer, step = training_checkpoint_config(Path(cfg.ckpt_path), RESUMABLE)
-        if step >= cfg.trainer.max_steps:
-            raise ValueError(
-                f"ckpt_path={cfg.ckpt_path} is at step {step}, so trainer.max_steps="
-                f"{cfg.trainer.max_steps} leaves nothing to train; raise trainer.max_steps"
-            )
-        if tokenizer["name"] != cfg.tokenizer.name:
-            saved_path = tokenizer.get("path")
-            resume_with = f"tokenizer.name={tokenizer['name']}"
-            if saved_path != cfg.tokenizer.get("path"):
-                resume_with += (
-                    f" tokenizer.path={hydra_value(saved_path) if saved_path else 'null'}"
-                )
-            raise ValueError(
-                f"ckpt_path={cfg.ckpt_path} was trained with the tokenizer {tokenizer['name']!r}, "
-                f"this run uses {cfg.tokenizer.name!r}; resume with {resume_with}"
-            )
-        current = {**OmegaConf.to_container(cfg.model), "vocab_size": saved.vocab_size}
-        check_same_model(saved.to_dict(), current)
+        check_resumable(Path(cfg.ckpt_path), cfg)
     if cfg.data.get("data_dir") is not None:  # fail now, not after the trainer is built
         check_output_folder(source, cfg.data.data_dir, "data.data_dir")
     # Allowed, but rarely what was meant; warned of only once nothing is refused.
@@ -219,6 +235,44 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
             cfg.module.warmup_steps,
             cfg.trainer.max_steps,
         )
+
+
+def check_resumable(ckpt_path: Path, cfg: DictConfig) -> None:
+    """Refuse to resume from ``ckpt_path`` what this run could not continue exactly: a file that
+    is no training checkpoint or holds only weights, another model or tokenizer, no steps left,
+    or another gradient accumulation (Lightning counts validations and optimizer steps in
+    micro-batches from the checkpoint's). The vocabulary is the tokenizer's, checked once it is
+    loaded."""
+    saved = training_checkpoint_summary(ckpt_path, RESUMABLE)
+    if not saved.resumable:
+        raise ValueError(
+            f"ckpt_path={ckpt_path} holds the model's weights but not the optimizer's and the "
+            f"loops' state a resume needs (saved with save_weights_only?): give {RESUMABLE}"
+        )
+    if saved.step >= cfg.trainer.max_steps:
+        raise ValueError(
+            f"ckpt_path={ckpt_path} is at step {saved.step}, so trainer.max_steps="
+            f"{cfg.trainer.max_steps} leaves nothing to train; raise trainer.max_steps"
+        )
+    accumulate = cfg.trainer.accumulate_grad_batches
+    if saved.step and saved.batches is not None and saved.batches != saved.step * accumulate:
+        raise ValueError(
+            f"ckpt_path={ckpt_path} took {saved.batches} micro-batches in {saved.step} steps, "
+            f"this run would take {accumulate} a step; resume with "
+            f"trainer.accumulate_grad_batches={saved.batches // saved.step}"
+        )
+    tokenizer = saved.tokenizer
+    if tokenizer["name"] != cfg.tokenizer.name:
+        saved_path = tokenizer.get("path")
+        resume_with = f"tokenizer.name={tokenizer['name']}"
+        if saved_path != cfg.tokenizer.get("path"):
+            resume_with += f" tokenizer.path={hydra_value(saved_path) if saved_path else 'null'}"
+        raise ValueError(
+            f"ckpt_path={ckpt_path} was trained with the tokenizer {tokenizer['name']!r}, "
+            f"this run uses {cfg.tokenizer.name!r}; resume with {resume_with}"
+        )
+    current = {**OmegaConf.to_container(cfg.model), "vocab_size": saved.config.vocab_size}
+    check_same_model(saved.config.to_dict(), current)
 
 
 class RefuseEarlierRun(Callback):
@@ -332,7 +386,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for any fp32 work
 
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(
+        cfg.data, **{key: OmegaConf.select(cfg, setting) for key, setting in DATA_FROM_RUN.items()}
+    )
     # The tokenizer decides the vocabulary; the config is checked before any data is prepared.
     model_config = GPTConfig(
         **{**OmegaConf.to_container(cfg.model), "vocab_size": datamodule.vocab_size}
@@ -510,6 +566,23 @@ def sweep_job_launches_its_own_ranks() -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Make SIGTERM raise Lightning's ``SIGTERMException`` (exit code 143), as Ctrl-C raises
+    KeyboardInterrupt, until training starts and GracefulStop takes it. By default it would end
+    the process on the spot, with no message, while the tokenizer downloads or the data are
+    prepared, leaving their temporary files behind."""
+
+    def raise_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise SIGTERMException(EXIT_CODES["SIGTERM"])
+
+    previous = signal.signal(signal.SIGTERM, raise_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(cfg: DictConfig) -> GracefulStop | None:
     """Build everything from ``cfg`` and fit. Returns the graceful-stop callback, which says
     whether a signal ended training and where its checkpoint went."""
@@ -521,7 +594,7 @@ def train(cfg: DictConfig) -> GracefulStop | None:
             return set()
         return {Path(root).name}
 
-    with discarded_if_refused(made_before_training):
+    with discarded_if_refused(made_before_training), sigterm_raises():
         datamodule, module, trainer = build(cfg)
         if trainer.logger:
             trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -17,6 +17,9 @@ from torchmetrics.aggregation import SumMetric
 
 from llm.model import GPT, GPTConfig, own_parameter_name
 
+# What the module logs, at every validation and every logging step: what a checkpoint callback
+# may monitor.
+LOGGED_METRICS = ("val/loss", "val/perplexity", "hp_metric", "train/loss", "train/lr")
 # torch.compile's modes: "max-autotune*" tune the GPU kernels (a longer compile),
 # "reduce-overhead" and "max-autotune" replay the step as CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -116,9 +119,9 @@ class GPTLightningModule(L.LightningModule):
         self.flops_per_batch: int | None = None
         # Counts non-finite losses on the device; read on the host only every
         # `check_finite_every` steps so that training never waits for the GPU to report it.
-        self.register_buffer(
-            "nonfinite_losses", torch.zeros((), dtype=torch.long), persistent=False
-        )
+        # Not a buffer: DDP copies rank 0's buffers to the other ranks at every step, and a
+        # count only another rank had would be lost.
+        self.nonfinite_losses = torch.zeros((), dtype=torch.long)
 
     def configure_model(self) -> None:
         # Only the training and validation loss is compiled (see GPT.loss): inspection and
@@ -139,6 +142,9 @@ class GPTLightningModule(L.LightningModule):
         self.log("train/loss", loss)
         self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]))
         return loss
+
+    def on_fit_start(self) -> None:
+        self.nonfinite_losses = self.nonfinite_losses.to(self.device)  # moved with the model
 
     def on_train_start(self) -> None:
         # A resumed run gets the optimizer's settings and the schedule's base learning rate back

@@ -20,7 +20,7 @@ from llm.checkpoint import (
     model_from_weights,
     save_hf,
     save_model,
-    training_checkpoint_config,
+    training_checkpoint_summary,
 )
 from llm.model import GPT, GPTConfig
 
@@ -147,7 +147,7 @@ def test_an_unknown_format_is_refused(tmp_path):
 def test_a_file_of_another_kind_is_no_training_checkpoint(tmp_path):
     (tmp_path / "notes.ckpt").write_text("hello, not a model\n")  # no zip, no pickle
     with pytest.raises(ValueError, match=r"notes\.ckpt is not a file torch\.save wrote"):
-        training_checkpoint_config(tmp_path / "notes.ckpt")
+        training_checkpoint_summary(tmp_path / "notes.ckpt")
 
 
 def test_a_truncated_training_checkpoint_is_reported_as_corrupt(tmp_path):

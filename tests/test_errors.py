@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from llm.errors import one_line_errors, sentence
 
@@ -27,6 +28,17 @@ def test_running_out_of_memory_is_one_line_and_other_runtime_errors_are_bugs(cap
     assert capsys.readouterr().err == (
         "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); try a smaller "
         "batch, context or model\n"
+    )
+
+
+def test_a_setting_lightning_refuses_once_the_run_has_begun_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stopped, one_line_errors():
+        raise MisconfigurationException(
+            "You requested to check 0.01 of the `val_dataloader` but 0.01 * 8 < 1.\nTry at least"
+        )
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == (
+        "error: You requested to check 0.01 of the `val_dataloader` but 0.01 * 8 < 1.\n"
     )
 
 

@@ -48,6 +48,7 @@ from llm.callbacks import (
 )
 from llm.data import DataError, TokenDataModule
 from llm.errors import refused_config
+from llm.files import atomic_path
 from llm.generate import generate_text
 from llm.hardware import device_from_name, peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
@@ -110,6 +111,20 @@ def corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text("".join(lines) * 40)
     return path
+
+
+@pytest.fixture
+def saves(monkeypatch) -> list[tuple[str, int]]:
+    """The file name and step of each checkpoint saved from here on, in order."""
+    saved: list[tuple[str, int]] = []
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def recorded(self, checkpoint: dict[str, Any], path: str | Path, **options: object) -> None:
+        saved.append((Path(path).name, checkpoint["global_step"]))
+        save(self, checkpoint, path, **options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recorded)
+    return saved
 
 
 def tiny_overrides(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -186,7 +201,8 @@ class PoisonAtStep(L.Callback):
 
 class RecordFirstBatch(L.Callback):
     """Saves each rank's first training batch, learning rate and a draw from torch's generator
-    after it, and its first validation batch, next to the checkpoints."""
+    after it, its count of non-finite losses a step later (rank 1 adds one), and its first
+    validation batch, next to the checkpoints."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0:
@@ -196,6 +212,11 @@ class RecordFirstBatch(L.Callback):
                 "draw": torch.rand(8),
             }
             torch.save(record, Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt")
+            pl_module.nonfinite_losses += trainer.global_rank  # as if rank 1 saw a NaN loss
+        if batch_idx == 1:  # the count of its own, a step later; then none, for the run to go on
+            count = pl_module.nonfinite_losses.clone()
+            torch.save(count, Path(trainer.default_root_dir) / f"rank{trainer.global_rank}_nan.pt")
+            pl_module.nonfinite_losses.zero_()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0:
@@ -591,6 +612,23 @@ def test_a_sigterm_lightning_takes_exits_143_or_is_the_stop_that_saved(
     assert stopped.checkpoint_path == tmp_path / "stopped" / "checkpoints" / "last.ckpt"
 
 
+def test_a_sigterm_while_the_data_are_prepared_exits_143_leaving_no_files(
+    corpus, tmp_path, monkeypatch
+):
+    def sigterm_halfway(*args: Any) -> None:  # as a scheduler would, while a token file is written
+        with atomic_path(tmp_path / "data" / "train.bin") as temporary:
+            temporary.write_bytes(b"half of the tokens")
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr("llm.data.prepare", sigterm_halfway)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        train_tiny(corpus, tmp_path / "run")
+    assert exit_info.value.code == 143
+    assert not (tmp_path / "data").exists()  # no temporary file, nor the folder made for it
+    assert signal.getsignal(signal.SIGTERM) == handler
+
+
 @pytest.mark.slow
 def test_compiled_training_keeps_checkpoint_names_and_inspects_eagerly(corpus, tmp_path):
     run_dir = tmp_path / "run"
@@ -645,15 +683,7 @@ def test_a_validation_that_is_not_the_best_leaves_best_ckpt_alone(corpus, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_stop_at_a_validation_writes_last_ckpt_once(corpus, tmp_path, monkeypatch):
-    saves: list[tuple[str, int]] = []
-    save = AtomicCheckpointIO.save_checkpoint
-
-    def recorded(self, checkpoint: dict[str, Any], path: str | Path, **options: object) -> None:
-        saves.append((Path(path).name, checkpoint["global_step"]))
-        save(self, checkpoint, path, **options)
-
-    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recorded)
+def test_a_stop_at_a_validation_writes_last_ckpt_once(corpus, tmp_path, saves):
     cfg = compose_run(tiny_overrides(corpus, tmp_path, "trainer.max_steps=9"), tmp_path)
     with open_dict(cfg):  # not a best at step 6, where the stop comes and a validation is due
         cfg.callbacks.spoil = {"_target_": f"{__name__}.PoisonAtStep", "step": 5, "value": 0.0}
@@ -721,6 +751,44 @@ def test_a_resume_or_rerun_that_cannot_work_fails_clearly(corpus, tmp_path):
     ):
         train_tiny(corpus, tmp_path / "other", "tokenizer.name=gpt2", ranks_file, *resume)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")} == prepared
+    # Lightning would count validations and steps in the checkpoint's micro-batches.
+    with pytest.raises(
+        ValueError,
+        match=r"took 6 micro-batches in 6 steps, this run would take 2 a step; resume "
+        r"with trainer\.accumulate_grad_batches=1$",
+    ):
+        validate(
+            compose_run(
+                tiny_overrides(corpus, run_dir, *resume, "trainer.accumulate_grad_batches=2"),
+                run_dir,
+            )
+        )
+    # A checkpoint of the weights alone (ModelCheckpoint's save_weights_only).
+    state = torch.load(checkpoint, weights_only=True)
+    weights_only = tmp_path / "weights.ckpt"
+    torch.save(
+        {k: v for k, v in state.items() if k not in ("optimizer_states", "loops")}, weights_only
+    )
+    with pytest.raises(ValueError, match="holds the model's weights but not the optimizer's"):
+        train_tiny(corpus, tmp_path / "other", "trainer.max_steps=8", f"ckpt_path={weights_only}")
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_batch_size_goes_on_at_the_next_sample(corpus, tmp_path):
+    train_tiny(corpus, tmp_path / "first")  # 6 steps of 8 samples
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["TokenDataModule"] == {"samples_used": 48}
+    resume = ("trainer.max_steps=8", "data.batch_size=4", f"ckpt_path={checkpoint}")
+    train_tiny(corpus, tmp_path / "resumed", *resume)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    # From sample 48, not from 6 steps of 4 samples (24, the same samples again).
+    assert resumed["TokenDataModule"] == {"samples_used": 48 + 2 * 4}
+
+
+@pytest.mark.slow
+def test_without_validation_last_ckpt_is_saved_where_validations_would_be(corpus, tmp_path, saves):
+    train_tiny(corpus, tmp_path, "trainer.limit_val_batches=0", "trainer.max_steps=8")
+    assert saves == [("last.ckpt", 3), ("last.ckpt", 6), ("last.ckpt", 8)]
 
 
 def test_a_callback_set_to_null_is_left_out(corpus, tmp_path):
@@ -900,6 +968,8 @@ def test_ddp_on_cpu_ranks_see_different_batches_and_dropout(corpus, tmp_path):
     assert rank0["batch"].shape == rank1["batch"].shape
     assert not torch.equal(rank0["batch"], rank1["batch"])
     assert not torch.equal(rank0["draw"], rank1["draw"])  # and draw their own dropout masks
+    # Each rank keeps its own count of non-finite losses: DDP does not copy rank 0's over it.
+    assert [torch.load(run_dir / f"rank{r}_nan.pt").item() for r in (0, 1)] == [0, 1]
     val0, val1 = (torch.load(run_dir / f"rank{r}_val.pt") for r in (0, 1))
     assert val0.shape == val1.shape and not torch.equal(val0, val1)  # each validates its share
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
@@ -994,6 +1064,16 @@ def test_a_source_folder_named_by_a_number(corpus, tmp_path, monkeypatch):
         ("module.seed=2**32", "module.seed must be an integer in [0, 2**32), got '2**32'"),
         ("trainer.limit_val_batches=-1", "trainer.limit_val_batches must be null (every batch)"),
         ("trainer.limit_val_batches=1.5", "a number of batches, or a fraction in [0, 1], got 1.5"),
+        ("module.compile_model=no", "module.compile_model must be true or false, got 'no'"),
+        ("trainer.deterministic=maybe", "trainer.deterministic must be true, false or warn"),
+        (
+            "callbacks.checkpoint.monitor=val/los",
+            "callbacks.checkpoint.monitor=val/los is no metric the run logs: use one of val/loss",
+        ),
+        (
+            "+data.context_length=64",
+            "data.context_length cannot be set: it is model.context_length's",
+        ),
     ],
 )
 def test_settings_nothing_reads_and_bad_model_values_are_refused(
