@@ -5,17 +5,21 @@ from __future__ import annotations
 import difflib
 import os
 import select
+import signal
 import sys
 import sysconfig
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import NoReturn
 
 import hydra
 import torch
 from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -29,6 +33,9 @@ EXPECTED_ERRORS = (
     OmegaConfBaseException,
     MisconfigurationException,
 )
+
+# A process ended by a signal exits with 128 + the signal's number, as the shell reports it.
+EXIT_CODES = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 
 # Hydra's own messages that do not say how to fix what they refuse.
 HYDRA_FIXES = {
@@ -170,13 +177,34 @@ def fail(message: str) -> NoReturn:
 
 
 @contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Make SIGTERM raise Lightning's ``SIGTERMException``, as Ctrl-C raises KeyboardInterrupt:
+    by default it would end the process on the spot, with no message, and leave the temporary
+    files of a download or of data being prepared behind. Training replaces the handler with
+    GracefulStop's, which saves a checkpoint first. Only the main thread may set one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise SIGTERMException(EXIT_CODES["SIGTERM"])
+
+    previous = signal.signal(signal.SIGTERM, raise_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
 def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
     """Turn expected errors (bad input, a config Hydra or a class refuses, running out of
     memory) into ``error: <one line>`` and exit code 1, a closed stdout into a quiet exit, and
-    Ctrl-C into ``interrupted`` and exit code 130. A SystemExit passes through Hydra untouched,
-    where an exception would come out as a traceback."""
+    Ctrl-C or SIGTERM into ``interrupted`` and exit code 130 or 143. A SystemExit passes through
+    Hydra untouched, where an exception would come out as a traceback."""
     try:
-        yield
+        with sigterm_raises():
+            yield
     except (ConfigCompositionException, OverrideParseException) as error:
         fail(composition_error(error))
     except BrokenPipeError as error:
@@ -205,4 +233,7 @@ def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
         fail(out_of_memory_message(error))
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_CODES["SIGINT"])
+    except SIGTERMException:  # a SystemExit, which would pass with no word and no exit code
+        print(interrupted, file=sys.stderr)
+        sys.exit(EXIT_CODES["SIGTERM"])

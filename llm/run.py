@@ -8,14 +8,12 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, fields
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import lightning as L
@@ -56,7 +54,6 @@ from llm.model import PRESETS, GPTConfig
 from llm.training import COMPILE_MODES, LOGGED_METRICS, check_same_model
 
 log = logging.getLogger(__name__)
-EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 RESUMABLE = "a last.ckpt or best.ckpt written by scripts/train.py"
 # The datamodule's settings that are the run's (data.<key>: the setting it comes from), passed
 # in by ``build``: a tokenizer or window length of the data's own would not be the model's.
@@ -566,23 +563,6 @@ def sweep_job_launches_its_own_ranks() -> Iterator[None]:
                 os.environ[key] = value
 
 
-@contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Make SIGTERM raise Lightning's ``SIGTERMException`` (exit code 143), as Ctrl-C raises
-    KeyboardInterrupt, until training starts and GracefulStop takes it. By default it would end
-    the process on the spot, with no message, while the tokenizer downloads or the data are
-    prepared, leaving their temporary files behind."""
-
-    def raise_sigterm(signum: int, frame: FrameType | None) -> None:
-        raise SIGTERMException(EXIT_CODES["SIGTERM"])
-
-    previous = signal.signal(signal.SIGTERM, raise_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def train(cfg: DictConfig) -> GracefulStop | None:
     """Build everything from ``cfg`` and fit. Returns the graceful-stop callback, which says
     whether a signal ended training and where its checkpoint went."""
@@ -594,7 +574,7 @@ def train(cfg: DictConfig) -> GracefulStop | None:
             return set()
         return {Path(root).name}
 
-    with discarded_if_refused(made_before_training), sigterm_raises():
+    with discarded_if_refused(made_before_training):
         datamodule, module, trainer = build(cfg)
         if trainer.logger:
             trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -604,9 +584,9 @@ def train(cfg: DictConfig) -> GracefulStop | None:
                 trainer.fit(
                     module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True
                 )
-        except SIGTERMException:  # Lightning's: a SIGTERM GracefulStop did not take (or a second)
+        except SIGTERMException:  # a SIGTERM GracefulStop did not take (or a second one)
             if stop is None or stop.checkpoint_path is None:
-                raise SystemExit(EXIT_CODES["SIGTERM"]) from None
+                raise
         except SystemExit as error:
             # A Ctrl-C that GracefulStop does not take (during data preparation, or a second
             # one) Lightning turns into exit code 1. Once GracefulStop has saved, it is that

@@ -9,8 +9,8 @@ import hydra
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from llm.errors import one_line_errors, run_hydra_main
-from llm.run import EXIT_CODES, register_model_presets, resume_hint, train
+from llm.errors import EXIT_CODES, one_line_errors, run_hydra_main
+from llm.run import register_model_presets, resume_hint, train
 
 register_model_presets()
 

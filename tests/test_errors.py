@@ -1,5 +1,6 @@
 """How scripts report errors: one line, whatever raised it."""
 
+import signal
 import subprocess
 import sys
 
@@ -40,6 +41,19 @@ def test_a_setting_lightning_refuses_once_the_run_has_begun_is_one_line(capsys):
     assert capsys.readouterr().err == (
         "error: You requested to check 0.01 of the `val_dataloader` but 0.01 * 8 < 1.\n"
     )
+
+
+def test_sigterm_is_an_interrupt_that_cleans_up_and_exits_143(capsys):
+    handler = signal.getsignal(signal.SIGTERM)
+    cleaned_up = []
+    with pytest.raises(SystemExit) as stopped, one_line_errors("interrupted: nothing written"):
+        try:
+            signal.raise_signal(signal.SIGTERM)  # by default, the end of this process
+        finally:
+            cleaned_up.append(True)
+    assert stopped.value.code == 143 and cleaned_up == [True]
+    assert capsys.readouterr().err == "interrupted: nothing written\n"
+    assert signal.getsignal(signal.SIGTERM) == handler
 
 
 def test_running_out_of_memory_while_a_config_is_built_is_one_line(capsys):

@@ -47,7 +47,7 @@ from llm.callbacks import (
     whole_model_on_rank_zero,
 )
 from llm.data import DataError, TokenDataModule
-from llm.errors import refused_config
+from llm.errors import one_line_errors, refused_config
 from llm.files import atomic_path
 from llm.generate import generate_text
 from llm.hardware import device_from_name, peak_flops, precision_dtype
@@ -602,7 +602,7 @@ def test_a_sigterm_lightning_takes_exits_143_or_is_the_stop_that_saved(
     corpus, tmp_path, monkeypatch
 ):
     raise_in(TokenDataModule, "prepare_data", SIGTERMException(), monkeypatch)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info, one_line_errors():
         train_tiny(corpus, tmp_path / "run")
     assert exit_info.value.code == 143
     monkeypatch.undo()
@@ -613,7 +613,7 @@ def test_a_sigterm_lightning_takes_exits_143_or_is_the_stop_that_saved(
 
 
 def test_a_sigterm_while_the_data_are_prepared_exits_143_leaving_no_files(
-    corpus, tmp_path, monkeypatch
+    corpus, tmp_path, monkeypatch, capsys
 ):
     def sigterm_halfway(*args: Any) -> None:  # as a scheduler would, while a token file is written
         with atomic_path(tmp_path / "data" / "train.bin") as temporary:
@@ -622,9 +622,10 @@ def test_a_sigterm_while_the_data_are_prepared_exits_143_leaving_no_files(
 
     monkeypatch.setattr("llm.data.prepare", sigterm_halfway)
     handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info, one_line_errors():  # as scripts/train.py
         train_tiny(corpus, tmp_path / "run")
     assert exit_info.value.code == 143
+    assert capsys.readouterr().err == "interrupted\n"
     assert not (tmp_path / "data").exists()  # no temporary file, nor the folder made for it
     assert signal.getsignal(signal.SIGTERM) == handler
 
