@@ -289,6 +289,7 @@ def prepare(
     inputs = {
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
+        "tokenizer_sha256": tokenizer.fingerprint,
         "sha256": [f.sha256 for f in files],
         "val_fraction": val_fraction,
     }
@@ -462,12 +463,18 @@ def read_meta(dataset_dir: str | Path) -> dict[str, Any]:
 
 def check_tokenizer(meta: dict[str, Any], tokenizer: Tokenizer, dataset_dir: str | Path) -> None:
     """Raise if the data in ``dataset_dir`` was prepared with a different tokenizer."""
-    made_with = (meta["inputs"]["tokenizer"], meta["inputs"]["vocab_size"])
+    inputs = meta["inputs"]
+    made_with = (inputs["tokenizer"], inputs["vocab_size"])
     if made_with != (tokenizer.name, tokenizer.vocab_size):
         raise DataError(
             f"{dataset_dir} was prepared with tokenizer {made_with[0]!r} (vocab {made_with[1]}) "
             f"but this run uses {tokenizer.name!r} (vocab {tokenizer.vocab_size}): prepare it "
             f"again with this tokenizer, or switch back"
+        )
+    if inputs.get("tokenizer_sha256") != tokenizer.fingerprint:
+        raise DataError(
+            f"{dataset_dir} was prepared with other ranks for the tokenizer {tokenizer.name!r} "
+            f"(another ranks file, or by an older llm): prepare it again with this tokenizer"
         )
 
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,19 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The SHA-256 of every token id's bytes, in id order: tokenizers of one name and size
+        but other ranks (another ranks file) differ in it, and encode text otherwise."""
+        digest = hashlib.sha256()
+        for token in range(self.vocab_size):
+            try:
+                piece = self.encoding.decode_single_token_bytes(token)
+            except KeyError:  # an id no token has (some encodings skip ids before the special)
+                piece = b""
+            digest.update(len(piece).to_bytes(4, "little") + piece)
+        return digest.hexdigest()
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``."""

@@ -6,6 +6,7 @@ file built by the test (see conftest.py).
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import http.server
@@ -33,6 +34,7 @@ from llm.data import (
     TokenDataModule,
     TrainWindows,
     ValWindows,
+    check_tokenizer,
     prepare,
     read_meta,
 )
@@ -309,6 +311,28 @@ def test_meta_from_another_tokenizer(
         module.setup()
     module.prepare_data()  # stale for this tokenizer: prepared again, then it matches
     module.setup()
+
+
+def test_data_of_other_ranks_under_the_same_name_are_prepared_again(
+    tmp_path: Path, text_file: Path, tiny_ranks_file: Path
+) -> None:
+    before = load_tokenizer("tiny", path=tiny_ranks_file)
+    out = prepare(str(text_file), before, tmp_path / "data")
+    # The same name and size, other ranks: the last two merges ("in", "ng") come first.
+    tokens = [
+        base64.b64decode(line.split()[0]) for line in tiny_ranks_file.read_bytes().split()[::2]
+    ]
+    tokens[256:] = tokens[-2:] + tokens[256:-2]
+    ranks = b"".join(base64.b64encode(t) + b" %d\n" % r for r, t in enumerate(tokens))
+    tiny_ranks_file.write_bytes(ranks)
+    after = load_tokenizer("tiny", path=tiny_ranks_file)
+    assert (after.name, after.vocab_size) == (before.name, before.vocab_size)
+    with pytest.raises(DataError, match="prepared with other ranks for the tokenizer 'tiny'"):
+        check_tokenizer(read_meta(out), after, out)
+    prepare(str(text_file), after, tmp_path / "data")  # not "up to date": prepared again
+    check_tokenizer(read_meta(out), after, out)
+    text = text_file.read_bytes().decode()
+    assert read_tokens(out, "train").tolist() == after.encode(text[: int(len(text) * 0.9)])
 
 
 # --- Download --------------------------------------------------------------------------------
