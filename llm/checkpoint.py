@@ -8,7 +8,8 @@
 - a safetensors file written by ``save_model``: the weights, with the config and tokenizer as
   JSON in the file's metadata;
 - a Hugging Face GPT-2 folder (``config.json`` and ``model.safetensors``), which uses the GPT-2
-  tokenizer. ``save_hf`` writes one that ``transformers`` loads.
+  tokenizer unless its ``config.json`` names another (``llm_tokenizer``). ``save_hf`` writes one
+  that ``transformers`` loads.
 
 Files are recognised by their content, not their name. Writes are atomic: a temporary file in
 the same folder, renamed into place once complete, so a failed save never leaves half a file.
@@ -43,6 +44,7 @@ ACCEPTED = (
     "GPT-2 folder (config.json + model.safetensors)"
 )
 GPT2_TOKENIZER: dict[str, Any] = {"name": "gpt2", "path": None}
+HF_TOKENIZER_KEY = "llm_tokenizer"  # in a Hugging Face config.json: the tokenizer, if not GPT-2's
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 PICKLE_MAGIC = b"\x80"  # the legacy torch.save format starts with a pickle protocol opcode
 
@@ -106,16 +108,27 @@ def save_model(model: GPT, path: str | Path, tokenizer: dict[str, Any]) -> None:
         save_file(state_dict, tmp, metadata)
 
 
-def save_hf(model: GPT, folder: str | Path, eot_token: int | None = None) -> None:
+def save_hf(
+    model: GPT,
+    folder: str | Path,
+    eot_token: int | None = None,
+    tokenizer: dict[str, Any] | None = None,
+) -> None:
     """Export ``model`` as a Hugging Face GPT-2 folder (``config.json`` and
     ``model.safetensors``) that ``transformers.GPT2LMHeadModel.from_pretrained`` loads;
-    ``eot_token`` becomes its end-of-sequence token. Models with options GPT-2 lacks (grouped-
-    query attention, RoPE, sliding windows) raise a ValueError before anything is written."""
+    ``eot_token`` becomes its end-of-sequence token. A ``tokenizer`` spec other than GPT-2's
+    (``{"name": ..., "path": ...}``, as ``load_model`` returns it) goes into ``config.json`` as
+    ``llm_tokenizer``, which llm loads the folder with and transformers keeps as an attribute.
+    Models with options GPT-2 lacks (grouped-query attention, RoPE, sliding windows) raise a
+    ValueError before anything is written."""
     check_exportable(model.config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = to_hf_state_dict(_weights(model), model.config)
-    config = json.dumps(to_hf_config(model.config, eot_token), indent=2)
+    hf_config = to_hf_config(model.config, eot_token)
+    if tokenizer is not None and tokenizer != GPT2_TOKENIZER:
+        hf_config[HF_TOKENIZER_KEY] = dict(tokenizer)
+    config = json.dumps(hf_config, indent=2)
     # transformers only reads safetensors files whose metadata says they hold torch tensors.
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file(weights, tmp, {"format": "pt"})
@@ -246,9 +259,11 @@ def _read_hf_folder(folder: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[st
         raise ValueError(f"{config_file} holds no GPT-2 config (a JSON object); is it corrupt?")
     try:
         config = from_hf_config(hf_config)
-        return config, from_hf_state_dict(hf_state, config), dict(GPT2_TOKENIZER)
+        state_dict = from_hf_state_dict(hf_state, config)
     except ValueError as err:
         raise ValueError(f"{folder}: {err}") from None
+    tokenizer = hf_config.get(HF_TOKENIZER_KEY, GPT2_TOKENIZER)  # GPT-2's, unless llm saved one
+    return config, state_dict, _tokenizer_spec(tokenizer, config_file)
 
 
 def _config(fields: dict[str, Any], source: Path) -> GPTConfig:

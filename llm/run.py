@@ -390,11 +390,12 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     model_config = GPTConfig(
         **{**OmegaConf.to_container(cfg.model), "vocab_size": datamodule.vocab_size}
     )
+    # The checkpoints name the tokenizer's ranks file for generation, which may run elsewhere.
+    tokenizer = OmegaConf.to_container(cfg.tokenizer)
+    if tokenizer["path"] is not None:
+        tokenizer["path"] = str(Path(tokenizer["path"]).resolve())
     module = instantiate(
-        cfg.module,
-        model=asdict(model_config),
-        tokenizer=OmegaConf.to_container(cfg.tokenizer),
-        _convert_="all",
+        cfg.module, model=asdict(model_config), tokenizer=tokenizer, _convert_="all"
     )
     # ~callbacks leaves them all out, callbacks.<key>=null one of them.
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]

@@ -88,6 +88,11 @@ def test_hugging_face_folder_loads_with_the_gpt2_tokenizer(tmp_path, tie_embeddi
     assert same_logits(model, loaded)
 
 
+def test_hugging_face_folder_keeps_a_tokenizer_other_than_gpt2s(tmp_path):
+    save_hf(tiny_model(), tmp_path / "hf", eot_token=256, tokenizer=BYTES)
+    assert load_model(tmp_path / "hf")[1] == BYTES
+
+
 def test_a_file_is_recognised_by_its_content_not_its_name(tmp_path):
     model = tiny_model()
     save_model(model, tmp_path / "model.ckpt", BYTES)  # safetensors under a .ckpt name

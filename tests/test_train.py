@@ -792,6 +792,15 @@ def test_without_validation_last_ckpt_is_saved_where_validations_would_be(corpus
     assert saves == [("last.ckpt", 3), ("last.ckpt", 6), ("last.ckpt", 8)]
 
 
+def test_checkpoints_name_the_ranks_file_by_its_whole_path(
+    corpus, tmp_path, tiny_ranks_file, monkeypatch
+):
+    monkeypatch.chdir(tiny_ranks_file.parent)  # generation may run from any other folder
+    ranks = ("tokenizer.name=tiny", f"tokenizer.path={tiny_ranks_file.name}")
+    _, module, _ = build(compose_run(tiny_overrides(corpus, tmp_path, *ranks), tmp_path))
+    assert module.hparams["tokenizer"] == {"name": "tiny", "path": str(tiny_ranks_file.resolve())}
+
+
 def test_a_callback_set_to_null_is_left_out(corpus, tmp_path):
     run_dir = tmp_path / "run"
     cfg = compose_run(tiny_overrides(corpus, run_dir, "callbacks.inspection=null"), run_dir)
