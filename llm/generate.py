@@ -18,6 +18,7 @@ T tokens, V vocabulary.
 from __future__ import annotations
 
 import codecs
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -124,7 +125,10 @@ def sample_next_token(
     if temperature == 0:
         return logits.argmax(dim=-1)
     # Sample in float32 even for a bf16 model: low-precision probabilities round small ones to 0.
-    logits = logits.float() / temperature
+    # Less the row's largest first: divided by a tiny temperature, the logits would overflow to
+    # inf (and softmax give NaN); so, at most 0, they only fall to -inf.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         logits = keep_top_k(logits, top_k)
     if top_p is not None:
@@ -227,8 +231,10 @@ def _check_prompt_length(idx: Tensor, context_length: int) -> None:
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise a one-line ValueError for a sampling setting ``generate`` cannot use."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # NaN too
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}"
+        )
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None (no limit), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:

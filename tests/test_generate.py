@@ -74,6 +74,8 @@ def test_temperature_sharpens_or_flattens_and_zero_is_greedy_whatever_else_is_se
     assert (cold == 1).all()  # e^100 to 1
     hot = sample_next_token(logits, temperature=100.0, generator=seeded())
     assert 400 < int((hot == 1).sum()) < 600  # e^0.01 to 1: close to a coin flip
+    frozen = sample_next_token(logits * 1e6, temperature=1e-45, generator=seeded())
+    assert (frozen == 1).all()  # divided, the logits would be inf, and their softmax NaN
     model, idx = tiny_model(), prompt(batch=2)
     greedy = generate_tokens(model, idx, 10, temperature=0)
     assert torch.equal(generate_tokens(model, idx, 10, temperature=0, top_k=5, top_p=0.5), greedy)
@@ -197,7 +199,8 @@ def test_generate_runs_in_eval_mode_without_gradients_and_restores_the_mode():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"temperature": -1}, "temperature must be >= 0"),
+        ({"temperature": -1}, "temperature must be a finite number >= 0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
         ({"top_k": 0}, "top_k must be >= 1"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
