@@ -149,7 +149,10 @@ def download(url: str, sha256: str, dest: Path) -> None:
     Bytes go to a temporary file beside ``dest`` that is renamed into place once checked, so a
     failed, interrupted or corrupted download leaves nothing behind.
     """
-    fallback = "download it yourself and pass the local file path as the source"
+    fallback = (
+        f"get the file some other way and put it at {dest}, or give its path as the source "
+        "(data.source=path/to/file.txt)"
+    )
     digest = hashlib.sha256()
     with _atomic_output(dest) as out:
         try:
