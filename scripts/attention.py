@@ -7,8 +7,10 @@
 ``ladder`` draws what each step of the attention ladder computes on the six-token toy input.
 """
 
+import sys
+
 from llm.checkpoint import load_model_and_tokenizer
-from llm.checks import ArgumentParser
+from llm.checks import ArgumentParser, at_least
 from llm.errors import one_line_errors
 from llm.inspect import TOY_INPUTS, TOY_TOKENS, ladder_figure, model_attention_figures, save_figures
 from llm.tokenizer import TokenizerOptions
@@ -22,6 +24,12 @@ def main() -> None:
     model_parser.add_argument("prompt", help="the text to read (a few tokens keep maps legible)")
     model_parser.add_argument(
         "--tokenizer-path", help="a local ranks file for the model's tokenizer (offline)"
+    )
+    model_parser.add_argument(
+        "--max-tokens",
+        type=at_least(1),
+        default=64,
+        help="draw the prompt's first N tokens (default 64): a map is N x N cells per head",
     )
     commands.add_parser("ladder", help="each attention ladder step on the toy input")
     for command in commands.choices.values():
@@ -37,7 +45,14 @@ def main() -> None:
             model, tokenizer = load_model_and_tokenizer(
                 args.checkpoint, "cpu", args.tokenizer_path, flag
             )
-            figures = model_attention_figures(model, tokenizer, args.prompt)
+            prompt_tokens = len(tokenizer.encode(args.prompt))
+            if prompt_tokens > args.max_tokens:
+                print(
+                    f"drawing the prompt's first {args.max_tokens} of {prompt_tokens} tokens "
+                    "(--max-tokens)",
+                    file=sys.stderr,
+                )
+            figures = model_attention_figures(model, tokenizer, args.prompt, args.max_tokens)
         else:
             figures = {"ladder": ladder_figure(TOY_INPUTS, TOY_TOKENS)}
         paths = save_figures(figures, args.png, args.tensorboard)

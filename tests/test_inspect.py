@@ -159,6 +159,18 @@ def test_attention_script_writes_a_png_per_layer_for_a_checkpoint(tmp_path, monk
     )
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["layer_00.png", "layer_01.png"]
     assert "layer_00.png" in capsys.readouterr().out
+    # A long prompt is cut to its first --max-tokens tokens (64 by default), and says so.
+    run_attention_script(
+        monkeypatch,
+        "model",
+        str(tmp_path / "m.ckpt"),
+        "Hello, world! " * 8,
+        "--max-tokens",
+        "6",
+        "--png",
+        str(tmp_path / "cut"),
+    )
+    assert capsys.readouterr().err == "drawing the prompt's first 6 of 112 tokens (--max-tokens)\n"
 
 
 def test_attention_script_reports_a_bad_checkpoint_in_one_line(tmp_path, monkeypatch, capsys):
