@@ -70,7 +70,6 @@ def prepare_run(
 ) -> tuple[float, float, float, float]:
     """Best seconds for prepare, seconds for an up-to-date rerun, peak RSS after imports and
     at the end."""
-    os.environ["TQDM_DISABLE"] = "1"  # no progress bars in the table
     from llm.data import prepare
 
     tokenizer = load_ranks(ranks_path)
@@ -115,8 +114,19 @@ def main() -> None:
     for flag, path in (("--text", args.text), ("--ranks", args.ranks)):
         if not path.is_file():
             raise FileNotFoundError(f"{flag} {path} is not a file; give one with {flag} PATH")
-    if not args.text.read_text().strip():  # the synthetic corpus repeats its lines
+    try:
+        text = args.text.read_bytes().decode()
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"--text {args.text} is not UTF-8 ({err.reason} at byte {err.start}); give a UTF-8 "
+            "text file"
+        ) from None
+    if not text.strip():  # the synthetic corpus repeats its lines
         raise ValueError(f"--text {args.text} holds no text; give a text file")
+    load_ranks(str(args.ranks))  # a bad ranks file fails now, not after the table's header
+    # No progress bars in the table: the measuring processes, started afresh, read it when
+    # they import tqdm.
+    os.environ["TQDM_DISABLE"] = "1"
 
     print(
         f"{args.threads} threads, {os.cpu_count()} CPUs, best of {args.repeat}; "

@@ -16,6 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_train.py", ["--preset", "gpt5"], "Unknown model preset 'gpt5'"),
         ("bench_attention.py", ["--heads", "5"], "must be divisible by num_heads (5)"),
         ("bench_data.py", ["--text", "missing.txt"], "missing.txt"),
+        (
+            "bench_data.py",
+            ["--text", sys.executable, "--ranks", sys.executable],  # a binary file
+            f"--text {sys.executable} is not UTF-8",
+        ),
         ("bench_train.py", ["--steps", "0"], "--steps: must be a whole number >= 1, got '0'"),
         ("bench_train.py", ["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N"),
         ("bench_generate.py", ["--new-tokens", "0"], "--new-tokens: must be a whole number >= 1"),
