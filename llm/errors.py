@@ -18,21 +18,12 @@ from typing import NoReturn
 import hydra
 import torch
 from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 # Errors that mean bad input: their message says what is wrong and how to fix it. Anything else
-# is a bug and keeps its traceback. Lightning raises MisconfigurationException for a setting it
-# refuses once the run has begun (too small a trainer.limit_val_batches fraction, say).
-EXPECTED_ERRORS = (
-    ValueError,
-    OSError,
-    FloatingPointError,
-    OmegaConfBaseException,
-    MisconfigurationException,
-)
+# is a bug and keeps its traceback. See also expected_errors().
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, OmegaConfBaseException)
 
 # A process ended by a signal exits with 128 + the signal's number, as the shell reports it.
 EXIT_CODES = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
@@ -53,6 +44,23 @@ HYDRA_OUTPUT_FIX = (
 )
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised where it lands (see ``sigterm_raises``) as Ctrl-C raises
+    KeyboardInterrupt; uncaught, the process exits with code 143."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_CODES["SIGTERM"])
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """``EXPECTED_ERRORS``, and Lightning's MisconfigurationException (a setting it refuses once
+    the run has begun, such as too small a trainer.limit_val_batches fraction) where Lightning
+    is loaded: only then can it be raised, and the scripts that need no Lightning start seconds
+    sooner without it."""
+    lightning = sys.modules.get("lightning.fabric.utilities.exceptions")
+    return (*EXPECTED_ERRORS, lightning.MisconfigurationException) if lightning else EXPECTED_ERRORS
+
+
 def first_line(error: BaseException) -> str:
     """The first line of ``error``'s message, or its type's name when it has none."""
     return (str(error).strip() or type(error).__name__).splitlines()[0]
@@ -64,7 +72,7 @@ def refused_config(error: InstantiationException) -> str | None:
     cause = error.__cause__
     if isinstance(cause, ImportError):  # the _target_ names no class
         message = first_line(error).split(", set env var")[0]
-    elif isinstance(cause, EXPECTED_ERRORS) or (
+    elif isinstance(cause, expected_errors()) or (
         isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause)  # a typo
     ):
         message = first_line(cause)
@@ -178,8 +186,8 @@ def fail(message: str) -> NoReturn:
 
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """Make SIGTERM raise Lightning's ``SIGTERMException``, as Ctrl-C raises KeyboardInterrupt:
-    by default it would end the process on the spot, with no message, and leave the temporary
+    """Make SIGTERM raise ``Terminated``, as Ctrl-C raises KeyboardInterrupt: by default it
+    would end the process on the spot, with no message, and leave the temporary
     files of a download or of data being prepared behind. Training replaces the handler with
     GracefulStop's, which saves a checkpoint first. Only the main thread may set one."""
     if threading.current_thread() is not threading.main_thread():
@@ -187,7 +195,7 @@ def sigterm_raises() -> Iterator[None]:
         return
 
     def raise_sigterm(signum: int, frame: FrameType | None) -> None:
-        raise SIGTERMException(EXIT_CODES["SIGTERM"])
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, raise_sigterm)
     try:
@@ -213,7 +221,7 @@ def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
         # Stop quietly, as Unix tools do; devnull takes what Python flushes at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-    except EXPECTED_ERRORS as error:
+    except expected_errors() as error:
         # OmegaConf adds lines about the node's type after its first, which says it all.
         message = first_line(error)
         if message in HYDRA_FIXES:
@@ -234,6 +242,6 @@ def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         sys.exit(EXIT_CODES["SIGINT"])
-    except SIGTERMException:  # a SystemExit, which would pass with no word and no exit code
+    except Terminated:  # a SystemExit, which would pass with no word
         print(interrupted, file=sys.stderr)
         sys.exit(EXIT_CODES["SIGTERM"])

@@ -6,7 +6,6 @@ import contextlib
 from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -67,6 +66,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
             if chip in name:
                 tf32 = dtype is torch.float32 and torch.get_float32_matmul_precision() != "highest"
                 return peaks.get("tfloat32" if tf32 else dtype)
+    # Lightning's table, imported only here: importing Lightning takes seconds, and the scripts
+    # that import this module for its other functions (generate.py) need none of it.
+    from lightning.fabric.utilities.throughput import get_available_flops
+
     return get_available_flops(device, dtype)
 
 

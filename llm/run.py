@@ -48,7 +48,7 @@ from llm.checks import (
     positive,
 )
 from llm.data import REMOTE_SOURCES, check_output_folder, source_files
-from llm.errors import one_line_errors
+from llm.errors import Terminated, one_line_errors
 from llm.hardware import has_fast_bf16
 from llm.model import PRESETS, GPTConfig
 from llm.training import COMPILE_MODES, LOGGED_METRICS, check_same_model
@@ -585,9 +585,9 @@ def train(cfg: DictConfig) -> GracefulStop | None:
                 trainer.fit(
                     module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True
                 )
-        except SIGTERMException:  # a SIGTERM GracefulStop did not take (or a second one)
+        except SIGTERMException:  # Lightning's: a SIGTERM GracefulStop did not take
             if stop is None or stop.checkpoint_path is None:
-                raise
+                raise Terminated from None
         except SystemExit as error:
             # A Ctrl-C that GracefulStop does not take (during data preparation, or a second
             # one) Lightning turns into exit code 1. Once GracefulStop has saved, it is that
