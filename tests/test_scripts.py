@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -9,65 +10,77 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# (script, arguments, what its one line of error says)
+CASES = [
+    ("bench_train.py", ["--preset", "gpt5"], "Unknown model preset 'gpt5'"),
+    ("bench_attention.py", ["--heads", "5"], "must be divisible by num_heads (5)"),
+    ("bench_data.py", ["--text", "missing.txt"], "missing.txt"),
+    (
+        "bench_data.py",
+        ["--text", sys.executable, "--ranks", sys.executable],  # a binary file
+        f"--text {sys.executable} is not UTF-8",
+    ),
+    ("bench_train.py", ["--steps", "0"], "--steps: must be a whole number >= 1, got '0'"),
+    ("bench_train.py", ["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N"),
+    ("bench_generate.py", ["--new-tokens", "0"], "--new-tokens: must be a whole number >= 1"),
+    (
+        "generate.py",
+        ["checkpoint=missing.ckpt", "prompt=Hi", "device=cuda:x"],
+        "device must be auto, cpu, cuda or cuda:N, got 'cuda:x'",
+    ),
+    ("bench_attention.py", ["--bogus"], "error: bench_attention.py: unrecognized arguments"),
+    ("attention.py", [], "error: attention.py: the following arguments are required"),
+    ("plot_run.py", ["missing-run", "--png", "pictures"], "no TensorBoard logs at"),
+    ("attention.py", ["model", "missing.ckpt", "Hello", "--png", "maps"], "not found"),
+    ("prepare_data.py", ["missing.txt", "--tokenizer", "bytes"], "not found"),
+    ("generate.py", ["checkpoint=missing.ckpt", "prompt=Hi"], "model file missing.ckpt"),
+    ("generate.py", ["checkpoint=null", "prompt=Hi"], "no model: give checkpoint=PATH"),
+    (
+        "generate.py",
+        ["checkpoint=missing.ckpt", "prompt=true"],
+        """prompt was read as True (bool), not text: put it in quotes, inside the""",
+    ),
+    (
+        "generate.py",
+        ["checkpoint=missing.ckpt", "prompt=Hi", "+max_new_token=5"],
+        "max_new_token is not a setting, and nothing would read it: did you mean max_new_",
+    ),
+    (
+        "generate.py",
+        ["checkpoint=missing.ckpt", "prompt=Hi", "max_new_tokens=many"],
+        "max_new_tokens must be a positive integer, got 'many'",
+    ),
+    (
+        "generate.py",
+        ["checkpoint=missing.ckpt", "prompt=Hi", "top_p=2"],
+        "top_p must be a number in (0, 1] or null, got 2",
+    ),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("script", "arguments", "message"),
-    [
-        ("bench_train.py", ["--preset", "gpt5"], "Unknown model preset 'gpt5'"),
-        ("bench_attention.py", ["--heads", "5"], "must be divisible by num_heads (5)"),
-        ("bench_data.py", ["--text", "missing.txt"], "missing.txt"),
-        (
-            "bench_data.py",
-            ["--text", sys.executable, "--ranks", sys.executable],  # a binary file
-            f"--text {sys.executable} is not UTF-8",
-        ),
-        ("bench_train.py", ["--steps", "0"], "--steps: must be a whole number >= 1, got '0'"),
-        ("bench_train.py", ["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N"),
-        ("bench_generate.py", ["--new-tokens", "0"], "--new-tokens: must be a whole number >= 1"),
-        (
-            "generate.py",
-            ["checkpoint=missing.ckpt", "prompt=Hi", "device=cuda:x"],
-            "device must be auto, cpu, cuda or cuda:N, got 'cuda:x'",
-        ),
-        ("bench_attention.py", ["--bogus"], "error: bench_attention.py: unrecognized arguments"),
-        ("attention.py", [], "error: attention.py: the following arguments are required"),
-        ("plot_run.py", ["missing-run", "--png", "pictures"], "no TensorBoard logs at"),
-        ("attention.py", ["model", "missing.ckpt", "Hello", "--png", "maps"], "not found"),
-        ("prepare_data.py", ["missing.txt", "--tokenizer", "bytes"], "not found"),
-        ("generate.py", ["checkpoint=missing.ckpt", "prompt=Hi"], "model file missing.ckpt"),
-        ("generate.py", ["checkpoint=null", "prompt=Hi"], "no model: give checkpoint=PATH"),
-        (
-            "generate.py",
-            ["checkpoint=missing.ckpt", "prompt=true"],
-            """prompt was read as True (bool), not text: put it in quotes, inside the""",
-        ),
-        (
-            "generate.py",
-            ["checkpoint=missing.ckpt", "prompt=Hi", "+max_new_token=5"],
-            "max_new_token is not a setting, and nothing would read it: did you mean max_new_",
-        ),
-        (
-            "generate.py",
-            ["checkpoint=missing.ckpt", "prompt=Hi", "max_new_tokens=many"],
-            "max_new_tokens must be a positive integer, got 'many'",
-        ),
-        (
-            "generate.py",
-            ["checkpoint=missing.ckpt", "prompt=Hi", "top_p=2"],
-            "top_p must be a number in (0, 1] or null, got 2",
-        ),
-    ],
-)
-def test_bad_input_is_one_line(tmp_path, script, arguments, message):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *arguments],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode in (1, 2), result.stderr  # 2: argparse's own usage errors
-    assert "Traceback" not in result.stderr and "usage:" not in result.stderr, result.stderr
-    last_line = result.stderr.strip().splitlines()[-1]  # after any warnings a library printed
-    assert last_line.startswith("error: ") and message in last_line, result.stderr
-    assert list(tmp_path.iterdir()) == []  # nothing written
+def test_bad_input_is_one_line(tmp_path):
+    def run(case: tuple[int, tuple[str, list[str], str]]) -> subprocess.CompletedProcess:
+        number, (script, arguments, _) = case
+        folder = tmp_path / str(number)  # each in a folder of its own, to see it write nothing
+        folder.mkdir()
+        return subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / script), *arguments],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    # Two at a time: every run is mostly Python's imports, on one core.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(run, enumerate(CASES)))
+    for number, ((script, arguments, message), result) in enumerate(
+        zip(CASES, results, strict=True)
+    ):
+        case = (script, *arguments, result.stderr)
+        assert result.returncode in (1, 2), case  # 2: argparse's own usage errors
+        assert "Traceback" not in result.stderr and "usage:" not in result.stderr, case
+        last_line = result.stderr.strip().splitlines()[-1]  # after any warnings a library printed
+        assert last_line.startswith("error: ") and message in last_line, case
+        assert list((tmp_path / str(number)).iterdir()) == [], case  # nothing written

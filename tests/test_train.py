@@ -281,8 +281,8 @@ def test_train_script_writes_checkpoints_and_tensorboard(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
-    not_a_checkpoint = tmp_path / "garbage.ckpt"
-    not_a_checkpoint.write_bytes(b"PK\x03\x04 cut short")
+    # One case of each way a value is refused; test_settings_nothing_reads_and_bad_model_values_
+    # _are_refused checks many more values, in-process.
     a_file = tmp_path / "a-file"  # in the way of a folder
     a_file.write_text("")
     cases = {
@@ -292,26 +292,15 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
         "model=gpt3": "Could not find 'model/gpt3'. Available options: gpt-micro, gpt-micro-modern",
         "trainer.max_steps=[": "Could not parse the override 'trainer.max_steps=['",
         "model.n_layer=six": "Value 'six' of type 'str' could not be converted to Integer",
+        "logger=null": "to leave a config group out, delete it: ~GROUP (e.g. ~logger)",
+        # Refused by llm's checks.
         "data.batch_size=0": "data.batch_size must be a positive integer",
-        "module.learning_rate=fast": "module.learning_rate must be a positive number",
-        "module.compile_mode=fast": "module.compile_mode must be one of default, reduce-overhead",
-        "module.betas=[0.9]": "module.betas must be two numbers in [0, 1)",
         # Refused by the classes the config builds, named by their config key.
         "+trainer.max_stepz=5": "trainer: Trainer.__init__() got an unexpected keyword argument",
         "trainer.devices=0": "trainer: `Trainer(devices=0)` value is not a valid input",
         "callbacks.throughput.window_size=1": "callbacks.throughput: window_size must be at least",
         "callbacks.throughput._target_=llm.Nothing": "callbacks.throughput: Error locating target",
-        "model.n_head=5": "model.n_embd (128) must be divisible by n_head (5); try model.n_embd=",
-        "+model.n_layers=8": "model.n_layers is not a setting, and nothing would read it: did you",
-        f"ckpt_path={tmp_path / 'missing.ckpt'}": "does not exist",
-        f"ckpt_path={not_a_checkpoint}": "could not be read as a training checkpoint",
-        "data=text": "data.source",
-        f"data.source={tmp_path / 'missing.txt'}": "missing.txt' not found: give a text file",
-        "logger=null": "to leave a config group out, delete it: ~GROUP (e.g. ~logger)",
-        f"data.data_dir={a_file / 'data'}": f"({a_file} is not a folder): set data.data_dir",
     }
-    if not torch.cuda.is_available():
-        cases["trainer=gpu"] = "torch sees no CUDA GPU"
     run_dirs = [tmp_path / f"run-{number}" for number in range(len(cases))]
     runs = [
         ((override, f"hydra.run.dir={run_dir}"), message)
@@ -1074,6 +1063,17 @@ def test_a_source_folder_named_by_a_number(corpus, tmp_path, monkeypatch):
         ("module.seed=2**32", "module.seed must be an integer in [0, 2**32), got '2**32'"),
         ("trainer.limit_val_batches=-1", "trainer.limit_val_batches must be null (every batch)"),
         ("trainer.limit_val_batches=1.5", "a number of batches, or a fraction in [0, 1], got 1.5"),
+        ("module.learning_rate=fast", "module.learning_rate must be a positive number"),
+        ("module.compile_mode=fast", "module.compile_mode must be one of default, reduce-overhead"),
+        ("module.betas=[0.9]", "module.betas must be two numbers in [0, 1)"),
+        ("data.source=null", "data.source is not set: give a text file, a folder or a glob"),
+        ("data.source=missing.txt", "'missing.txt' not found: give a text file"),
+        ("ckpt_path=missing.ckpt", "ckpt_path=missing.ckpt does not exist or is a folder"),
+        pytest.param(
+            "trainer=gpu",
+            "trainer.accelerator=gpu but torch sees no CUDA GPU here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there"),
+        ),
         ("module.compile_model=no", "module.compile_model must be true or false, got 'no'"),
         ("trainer.deterministic=maybe", "trainer.deterministic must be true, false or warn"),
         (
@@ -1089,8 +1089,21 @@ def test_a_source_folder_named_by_a_number(corpus, tmp_path, monkeypatch):
 def test_settings_nothing_reads_and_bad_model_values_are_refused(
     corpus, tmp_path, override, message
 ):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         validate(compose_run(tiny_overrides(corpus, tmp_path, override), tmp_path))
+
+
+def test_files_in_the_way_are_refused_before_any_work(corpus, tmp_path):
+    not_a_checkpoint = tmp_path / "garbage.ckpt"
+    not_a_checkpoint.write_bytes(b"PK\x03\x04 cut short")
+    a_file = tmp_path / "a-file"  # in the way of a folder
+    a_file.write_text("")
+    for override, message in (
+        (f"ckpt_path={not_a_checkpoint}", "could not be read as a training checkpoint"),
+        (f"data.data_dir={a_file / 'data'}", f"({a_file} is not a folder): set data.data_dir"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            validate(compose_run(tiny_overrides(corpus, tmp_path, override), tmp_path))
 
 
 def test_a_warmup_longer_than_the_run_is_warned_of(corpus, tmp_path, caplog):
