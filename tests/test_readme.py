@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -134,13 +135,25 @@ def test_training_commands_run(workspace: Path) -> None:
         ]
     }
     documented = commands("train.py")
-    for words, _ in documented:
+    runs = []
+    for number, (words, _) in enumerate(documented):
         # Tiny overrides for every key the command leaves alone, and a run of a few steps
-        # whatever it asks for; its other choices stay.
+        # whatever it asks for; its other choices stay. A folder of its own, unless it names
+        # one: two runs started in the same second would share the one named by the time.
         words = [tiny[w.split("=")[0]] if w.startswith(FEW_STEPS) else w for w in words]
         given = {word.split("=")[0] for word in words if "=" in word}
+        own_folder = (
+            f"hydra.sweep.dir=multirun/readme-{number}"
+            if "--multirun" in words
+            else f"hydra.run.dir=outputs/readme-{number}"
+        )
         extra = [] if "--help" in words else [o for k, o in tiny.items() if k not in given]
-        run([sys.executable, *words, *extra], workspace)
+        if "--help" not in words and own_folder.split("=")[0] not in given:
+            extra.append(own_folder)
+        runs.append([sys.executable, *words, *extra])
+    # Two at a time: every run is mostly Python's imports, on one core.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda command: run(command, workspace), runs))
     assert len(documented) >= 7, documented
 
 
