@@ -187,8 +187,8 @@ def fail(message: str) -> NoReturn:
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
     """Make SIGTERM raise ``Terminated``, as Ctrl-C raises KeyboardInterrupt: by default it
-    would end the process on the spot, with no message, and leave the temporary
-    files of a download or of data being prepared behind. Training replaces the handler with
+    would end the process on the spot, with no message, and leave the temporary files of a
+    download or of data being prepared behind. Training replaces the handler with
     GracefulStop's, which saves a checkpoint first. Only the main thread may set one."""
     if threading.current_thread() is not threading.main_thread():
         yield

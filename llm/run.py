@@ -176,9 +176,9 @@ CHECKS: list[Check] = [
     ),
     (
         "trainer.deterministic",
-        (bool, str),
-        lambda v: v in (True, False, "warn"),
-        "true, false or warn",
+        (bool, str, type(None)),
+        lambda v: v in (True, False, "warn", None),
+        "true, false, warn or null",
     ),
 ]
 

@@ -811,6 +811,7 @@ def test_a_callback_set_to_null_is_left_out(corpus, tmp_path):
         ("trainer.limit_val_batches=0", None),
         ("trainer.limit_val_batches=1.0", None),
         ("trainer.gradient_clip_val=0", None),
+        ("trainer.deterministic=null", None),  # Lightning's default
         ("data.val_fraction=0", "data.val_fraction must be a number between 0 and 1"),
         ("module.min_lr=0", None),
         ("module.betas=[0.9,1.0]", "module.betas must be two numbers in [0, 1)"),
@@ -1075,7 +1076,7 @@ def test_a_source_folder_named_by_a_number(corpus, tmp_path, monkeypatch):
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there"),
         ),
         ("module.compile_model=no", "module.compile_model must be true or false, got 'no'"),
-        ("trainer.deterministic=maybe", "trainer.deterministic must be true, false or warn"),
+        ("trainer.deterministic=maybe", "trainer.deterministic must be true, false, warn or"),
         (
             "callbacks.checkpoint.monitor=val/los",
             "callbacks.checkpoint.monitor=val/los is no metric the run logs: use one of val/loss",
