@@ -371,9 +371,11 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         # With validation off (trainer.limit_val_batches=0) Lightning would save only when
         # training ends, and a crash would lose the whole run: last.ckpt is saved where each
         # validation would have run instead, and at the last step.
-        if not trainer.enable_validation and (
+        # Only at such a step is Lightning's enable_validation (an inspection of the module)
+        # asked: not on every batch.
+        if (
             validation_due(trainer) or trainer.global_step >= trainer.max_steps
-        ):
+        ) and not trainer.enable_validation:
             self._save_last(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
