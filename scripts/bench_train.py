@@ -20,6 +20,11 @@ kernels.
 
 from __future__ import annotations
 
+# llm first: importing it lets torch back large CPU tensors with huge pages, which must be
+# settled before anything allocates one (see llm/__init__.py).
+import llm  # noqa: F401
+
+# isort: split
 import contextlib
 import functools
 import logging

@@ -3,6 +3,11 @@
 Configs live in configs/ (train.yaml and its groups); see the README for recipes.
 """
 
+# llm first: importing it lets torch back large CPU tensors with huge pages, which must be
+# settled before anything allocates one (see llm/__init__.py).
+import llm  # noqa: F401
+
+# isort: split
 import sys
 
 import hydra

@@ -284,23 +284,3 @@ def test_generate_script_streams_the_generated_text_and_writes_no_files(tmp_path
     expected = generate_text(model, load_tokenizer("bytes"), "Hello", 30, temperature=0)
     assert result.stdout == f"Hello{expected}\n"
     assert sorted(os.listdir(tmp_path)) == ["model.ckpt"]  # no outputs/ or .hydra/
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("checkpoint=missing.ckpt", "error: model file missing.ckpt not found"),
-        (
-            "temperatur=0",
-            "error: Could not override 'temperatur'. Key 'temperatur' is not in "
-            "struct. Did you mean temperature?",
-        ),
-    ],
-)
-def test_generate_script_reports_bad_input_in_one_line(tmp_path, override, message):
-    result = run_script(override, "prompt=Hello", cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.startswith(message)
-    assert result.stderr.count("\n") == 1
-    assert os.listdir(tmp_path) == []

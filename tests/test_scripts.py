@@ -1,5 +1,6 @@
 """Every script answers bad input with one line naming the problem, never a traceback."""
 
+import runpy
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,38 +24,13 @@ CASES = [
     ("bench_train.py", ["--steps", "0"], "--steps: must be a whole number >= 1, got '0'"),
     ("bench_train.py", ["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N"),
     ("bench_generate.py", ["--new-tokens", "0"], "--new-tokens: must be a whole number >= 1"),
-    (
-        "generate.py",
-        ["checkpoint=missing.ckpt", "prompt=Hi", "device=cuda:x"],
-        "device must be auto, cpu, cuda or cuda:N, got 'cuda:x'",
-    ),
     ("bench_attention.py", ["--bogus"], "error: bench_attention.py: unrecognized arguments"),
     ("attention.py", [], "error: attention.py: the following arguments are required"),
     ("plot_run.py", ["missing-run", "--png", "pictures"], "no TensorBoard logs at"),
     ("attention.py", ["model", "missing.ckpt", "Hello", "--png", "maps"], "not found"),
     ("prepare_data.py", ["missing.txt", "--tokenizer", "bytes"], "not found"),
     ("generate.py", ["checkpoint=missing.ckpt", "prompt=Hi"], "model file missing.ckpt"),
-    ("generate.py", ["checkpoint=null", "prompt=Hi"], "no model: give checkpoint=PATH"),
-    (
-        "generate.py",
-        ["checkpoint=missing.ckpt", "prompt=true"],
-        """prompt was read as True (bool), not text: put it in quotes, inside the""",
-    ),
-    (
-        "generate.py",
-        ["checkpoint=missing.ckpt", "prompt=Hi", "+max_new_token=5"],
-        "max_new_token is not a setting, and nothing would read it: did you mean max_new_",
-    ),
-    (
-        "generate.py",
-        ["checkpoint=missing.ckpt", "prompt=Hi", "max_new_tokens=many"],
-        "max_new_tokens must be a positive integer, got 'many'",
-    ),
-    (
-        "generate.py",
-        ["checkpoint=missing.ckpt", "prompt=Hi", "top_p=2"],
-        "top_p must be a number in (0, 1] or null, got 2",
-    ),
+    ("generate.py", ["temperatur=0", "prompt=Hi"], "Key 'temperatur' is not in struct"),
 ]
 
 
@@ -84,3 +60,26 @@ def test_bad_input_is_one_line(tmp_path):
         last_line = result.stderr.strip().splitlines()[-1]  # after any warnings a library printed
         assert last_line.startswith("error: ") and message in last_line, case
         assert list((tmp_path / str(number)).iterdir()) == [], case  # nothing written
+
+
+# generate.py's own checks, in-process: its one line for any of them is tested above.
+GENERATE_CASES = [
+    (["device=cuda:x"], "device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    (["checkpoint=null"], "no model: give checkpoint=PATH"),
+    (["prompt=true"], "prompt was read as True (bool), not text: put it in quotes, inside the"),
+    (["+max_new_token=5"], "max_new_token is not a setting, and nothing would read it"),
+    (["max_new_tokens=many"], "max_new_tokens must be a positive integer, got 'many'"),
+    (["top_p=2"], "top_p must be a number in (0, 1] or null, got 2"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), GENERATE_CASES)
+def test_generate_refuses_bad_settings_before_loading(tmp_path, overrides, message):
+    from hydra import compose, initialize_config_dir
+
+    run = runpy.run_path(str(ROOT / "scripts" / "generate.py"), run_name="imported")["run"]
+    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+        cfg = compose("generate", ["checkpoint=missing.ckpt", "prompt=Hi", *overrides])
+    with pytest.raises(ValueError) as refused:
+        run(cfg)
+    assert message in str(refused.value)
