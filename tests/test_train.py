@@ -26,7 +26,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.loggers import Logger
@@ -47,7 +47,7 @@ from llm.callbacks import (
     whole_model_on_rank_zero,
 )
 from llm.data import DataError, TokenDataModule
-from llm.errors import one_line_errors, refused_config
+from llm.errors import composition_error, one_line_errors, refused_config
 from llm.files import atomic_path
 from llm.generate import generate_text
 from llm.hardware import device_from_name, peak_flops, precision_dtype
@@ -282,16 +282,14 @@ def test_train_script_writes_checkpoints_and_tensorboard(corpus, tmp_path):
 @pytest.mark.slow
 def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
     # One case of each way a value is refused; test_settings_nothing_reads_and_bad_model_values_
-    # _are_refused checks many more values, in-process.
+    # _are_refused checks many more values, and test_hydras_refusals_become_one_line more of
+    # Hydra's, in-process.
     a_file = tmp_path / "a-file"  # in the way of a folder
     a_file.write_text("")
     cases = {
         # Refused by Hydra while composing the config.
         "trainer.max_stepz=5": "Could not override 'trainer.max_stepz'. Key 'max_stepz' is not "
         "in struct. Did you mean trainer.max_steps? To append to your config use +trainer.max",
-        "model=gpt3": "Could not find 'model/gpt3'. Available options: gpt-micro, gpt-micro-modern",
-        "trainer.max_steps=[": "Could not parse the override 'trainer.max_steps=['",
-        "model.n_layer=six": "Value 'six' of type 'str' could not be converted to Integer",
         "logger=null": "to leave a config group out, delete it: ~GROUP (e.g. ~logger)",
         # Refused by llm's checks.
         "data.batch_size=0": "data.batch_size must be a positive integer",
@@ -331,6 +329,23 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
     assert "holds an earlier run's checkpoints (checkpoints/last.ckpt)" in result.stderr
     assert sorted(p.name for p in earlier.iterdir()) == [".hydra", "checkpoints"]
     assert (earlier / ".hydra" / "config.yaml").read_text() == "the earlier run's config"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "model=gpt3",
+            "Could not find 'model/gpt3'. Available options: gpt-micro, gpt-micro-modern",
+        ),
+        ("trainer.max_steps=[", "Could not parse the override 'trainer.max_steps=['"),
+        ("model.n_layer=six", "Value 'six' of type 'str' could not be converted to Integer"),
+    ],
+)
+def test_hydras_refusals_become_one_line(tmp_path, override, message):
+    with pytest.raises((ConfigCompositionException, OverrideParseException)) as refused:
+        compose_run([override], tmp_path)
+    assert message in composition_error(refused.value)
 
 
 class BrokenCallback(L.Callback):
