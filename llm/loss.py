@@ -128,14 +128,13 @@ def cross_entropy_rows(
     exps = torch.exp(logits_fp32 - row_max)  # (n, V_padded)
     exp_sums = exps.sum(dim=-1, keepdim=True)  # (n, 1)
     counted = targets != IGNORE_INDEX  # (n,)
-    target_logits = logits_fp32.gather(1, torch.where(counted, targets, 0)[:, None])[:, 0]
+    target_columns = torch.where(counted, targets, 0)[:, None]  # (n, 1); 0 where ignored
+    target_logits = logits_fp32.gather(1, target_columns)[:, 0]
     losses = torch.where(counted, (row_max + exp_sums.log())[:, 0] - target_logits, 0.0)
     # d loss / d logits = (softmax - one-hot of the target) / count, row by row. Ignored rows
     # take none (and no NaN from 0 · inf when every row is ignored).
     row_scale = torch.where(counted, inv_count, 0.0)[:, None]  # (n, 1)
-    grad = (exps * (row_scale / exp_sums)).scatter_add(
-        1, torch.where(counted, targets, 0)[:, None], -row_scale
-    )
+    grad = (exps * (row_scale / exp_sums)).scatter_add(1, target_columns, -row_scale)
     return losses, grad.to(logits.dtype)
 
 

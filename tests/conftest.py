@@ -1,9 +1,13 @@
-"""Fixtures shared by the tokenizer and data tests: a small offline BPE tokenizer."""
+"""Fixtures shared by the tokenizer and data tests (a small offline BPE tokenizer), and a way
+to run scripts side by side."""
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -26,3 +30,14 @@ def tiny_ranks_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_tokenizer(tiny_ranks_file: Path) -> Tokenizer:
     return load_tokenizer("tiny", path=tiny_ranks_file)
+
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def two_at_a_time(run: Callable[[Item], Result], items: Iterable[Item]) -> list[Result]:
+    """``run`` of each item, two at a time, in order: for script runs, which are mostly Python's
+    imports, on one core each."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(run, items))

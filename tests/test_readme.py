@@ -9,10 +9,10 @@ import shlex
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import two_at_a_time
 from test_train import TINY, compose_run
 
 from llm.checkpoint import load_model, save_hf, save_model
@@ -151,9 +151,7 @@ def test_training_commands_run(workspace: Path) -> None:
         if "--help" not in words and own_folder.split("=")[0] not in given:
             extra.append(own_folder)
         runs.append([sys.executable, *words, *extra])
-    # Two at a time: every run is mostly Python's imports, on one core.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(lambda command: run(command, workspace), runs))
+    two_at_a_time(lambda command: run(command, workspace), runs)
     assert len(documented) >= 7, documented
 
 

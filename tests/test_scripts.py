@@ -3,10 +3,11 @@
 import runpy
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import two_at_a_time
+from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,9 +49,7 @@ def test_bad_input_is_one_line(tmp_path):
             timeout=120,
         )
 
-    # Two at a time: every run is mostly Python's imports, on one core.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(run, enumerate(CASES)))
+    results = two_at_a_time(run, enumerate(CASES))
     for number, ((script, arguments, message), result) in enumerate(
         zip(CASES, results, strict=True)
     ):
@@ -75,8 +74,6 @@ GENERATE_CASES = [
 
 @pytest.mark.parametrize(("overrides", "message"), GENERATE_CASES)
 def test_generate_refuses_bad_settings_before_loading(tmp_path, overrides, message):
-    from hydra import compose, initialize_config_dir
-
     run = runpy.run_path(str(ROOT / "scripts" / "generate.py"), run_name="imported")["run"]
     with initialize_config_dir(str(ROOT / "configs"), version_base=None):
         cfg = compose("generate", ["checkpoint=missing.ckpt", "prompt=Hi", *overrides])

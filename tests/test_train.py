@@ -14,7 +14,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +23,7 @@ import hydra
 import lightning as L
 import pytest
 import torch
+from conftest import two_at_a_time
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
@@ -307,9 +307,8 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
     # Hydra makes the run's folder itself, before any llm code runs.
     hydra_fix = "log there: set hydra.run.dir= (hydra.sweep.dir= with --multirun) to a folder"
     runs.append(((f"hydra.run.dir={a_file / 'run'}",), hydra_fix))
-    # Two at a time, each in its own folder: every run is mostly Python's imports, on one core.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = pool.map(lambda run: run_script("tokenizer.name=bytes", *run[0]), runs)
+    # Each in its own folder.
+    results = two_at_a_time(lambda run: run_script("tokenizer.name=bytes", *run[0]), runs)
     for (overrides, message), result in zip(runs, results, strict=True):
         assert result.returncode == 1, overrides
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
