@@ -27,12 +27,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+if TYPE_CHECKING:  # imported where first used: FlexAttention imports torch.compile's machinery
+    from torch.nn.attention.flex_attention import BlockMask
 
 AttentionOutput = Tensor | tuple[Tensor, Tensor]
 
@@ -500,13 +502,15 @@ class SlidingWindowAttention(RotaryAttention):
         if use_flex is None:
             use_flex = queries.is_cuda and num_keys >= self.FLEX_MIN_WINDOWS * self.window
         if whole_band and use_flex:
-            return flex_band_attention(queries, keys, values, self.window)
+            # Outside any torch.compile'd graph (a graph break): traced into the model's graph,
+            # torch 2.13's CPU kernel computed wrong outputs for rotated queries/keys. Wrapped
+            # here, not at import: torch.compiler.disable imports torch.compile's machinery,
+            # which took 3 s of generate.py's 6.5 s start on a 2-core CPU.
+            outside_graphs = torch.compiler.disable(flex_band_attention)
+            return outside_graphs(queries, keys, values, self.window)
         return super().attend(queries, keys, values, dropout_p)
 
 
-# Inside a torch.compile'd model this runs as its own compiled call (a graph break): traced into
-# the model's graph, torch 2.13's CPU kernel computed wrong outputs for rotated queries/keys.
-@torch.compiler.disable
 def flex_band_attention(queries: Tensor, keys: Tensor, values: Tensor, window: int) -> Tensor:
     """Sliding-window causal attention of a whole sequence by compiled FlexAttention, which
     skips the (128 × 128) blocks outside the band (uncompiled, it would materialise every
@@ -520,11 +524,15 @@ def flex_band_attention(queries: Tensor, keys: Tensor, values: Tensor, window: i
 
 @functools.cache
 def _compiled_flex_attention() -> Callable[..., Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
     return torch.compile(flex_attention, dynamic=False)
 
 
 @functools.lru_cache(maxsize=16)
 def _band_block_mask(window: int, length: int, device: str) -> BlockMask:
+    from torch.nn.attention.flex_attention import create_block_mask
+
     def band(batch: Tensor, head: Tensor, query: Tensor, key: Tensor) -> Tensor:
         return (key <= query) & (query - key < window)
 

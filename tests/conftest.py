@@ -4,14 +4,22 @@ to run scripts side by side."""
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import torch
 
 from llm.tokenizer import Tokenizer, load_tokenizer
+
+# pytest-xdist runs the suite in two processes (pyproject's addopts): one core and one torch
+# thread each, for them and the scripts they start, so that neither waits on the other's threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # Merges on top of the 256 single bytes, each the concatenation of two earlier tokens. The
 # whitespace merges matter: they make cutting text at the wrong place change the tokens.

@@ -4,6 +4,7 @@ GPT options built on them: equivalences, invariances, the KV cache, files and tr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import compose_run, tiny_overrides
+from torch import Tensor
 
 from llm.attention import (
     GroupedQueryAttention,
@@ -211,7 +213,7 @@ def test_sliding_window_weights_are_a_band():
 def test_flex_attention_kernel_equals_the_sdpa_band_mask():
     """FlexAttention (compiled; forward only on a CPU) is the CUDA default for whole-sequence
     windows; here it is forced on to check it computes what the SDPA band mask does, over
-    several 128-token blocks, most of them outside the band, eagerly and compiled."""
+    several 128-token blocks, most of them outside the band, eagerly and in a compiled model."""
     torch.manual_seed(0)
     attn = SlidingWindowAttention(D, D, 300, 0.0, HEADS, num_kv_heads=2, window=5).eval()
     x = torch.randn(2, 300, D)
@@ -219,8 +221,20 @@ def test_flex_attention_kernel_equals_the_sdpa_band_mask():
     attn.use_flex = True
     attn.attention_mask = None  # the kernel needs no (T, T) mask: building one would fail
     assert torch.allclose(attn(x), reference, atol=1e-5)
+
+    # A compiled model calls the kernel between its graphs, never inside one: traced into a
+    # model's graph, torch 2.13's CPU kernel gave outputs off by 0.2 for rotated queries/keys
+    # (in processes that had not imported Lightning).
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(graph: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable:
+        graphs.append(graph)
+        return graph.forward
+
     torch._dynamo.reset()
-    assert torch.allclose(torch.compile(attn)(x), reference, atol=1e-5)  # in a compiled model
+    assert torch.allclose(torch.compile(attn, backend=record)(x), reference, atol=1e-5)
+    traced = [str(node.target) for graph in graphs for node in graph.graph.nodes]
+    assert len(graphs) == 2 and not any("flex" in target for target in traced), traced
 
 
 # --- The KV cache, for every option ---------------------------------------------------------
