@@ -1,5 +1,5 @@
-"""Fixtures shared by the tokenizer and data tests (a small offline BPE tokenizer), and a way
-to run scripts side by side."""
+"""Fixtures shared by the tokenizer and data tests (a small offline BPE tokenizer), a way to
+run scripts side by side, and one torch thread for each of pytest-xdist's processes."""
 
 from __future__ import annotations
 
