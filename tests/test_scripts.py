@@ -73,7 +73,7 @@ GENERATE_CASES = [
 
 
 @pytest.mark.parametrize(("overrides", "message"), GENERATE_CASES)
-def test_generate_refuses_bad_settings_before_loading(tmp_path, overrides, message):
+def test_generate_refuses_bad_settings_before_loading(overrides, message):
     run = runpy.run_path(str(ROOT / "scripts" / "generate.py"), run_name="imported")["run"]
     with initialize_config_dir(str(ROOT / "configs"), version_base=None):
         cfg = compose("generate", ["checkpoint=missing.ckpt", "prompt=Hi", *overrides])
