@@ -70,6 +70,17 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return whole_number
 
 
+def fraction(text: str) -> float:
+    """An argparse ``type``: a number between 0 and 1, both excluded."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < 1:  # NaN is refused too
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}")
+    return value
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, with a bad command line reported in one line, as llm reports any bad
     input, instead of a usage block and the error."""

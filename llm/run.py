@@ -47,7 +47,7 @@ from llm.checks import (
     non_negative,
     positive,
 )
-from llm.data import REMOTE_SOURCES, check_output_folder, source_files
+from llm.data import check_output_folder, check_source
 from llm.errors import Terminated, one_line_errors
 from llm.hardware import has_fast_bf16
 from llm.model import PRESETS, GPTConfig
@@ -90,7 +90,7 @@ def lightning_noise_filter(record: logging.LogRecord) -> bool:
 def quiet_lightning() -> None:
     """Silence warnings and log lines every run would print but that say nothing about it."""
     # A run resumed mid-epoch resumes its dataloader too: the datamodule starts the loader at
-    # the restored step (llm.data.TokenDataModule).
+    # the restored step (llm.datamodule.TokenDataModule).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
     # A run resumed in a new folder, as it is by default: its best.ckpt starts there afresh, and
     # the earlier run's stays in the earlier folder. Or resumed in its own folder, as the stop
@@ -204,8 +204,7 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
             "e.g. data.source=path/to/corpus.txt"
         )
     source = str(cfg.data.source)  # data.source=2024 (a folder) comes as a number
-    if source not in REMOTE_SOURCES:  # a local source that is not there fails now
-        source_files(source)
+    check_source(source)
     if cfg.module.min_lr > cfg.module.learning_rate:
         raise ValueError("module.min_lr must not exceed module.learning_rate.")
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from llm import data
-from llm.checks import ArgumentParser
+from llm.checks import ArgumentParser, fraction
 from llm.errors import one_line_errors
 from llm.tokenizer import TokenizerOptions, load_tokenizer
 
@@ -29,12 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="data", help="output root (default: data)")
     parser.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding name, or bytes")
     parser.add_argument("--tokenizer-path", help="local tiktoken ranks file, e.g. gpt2.tiktoken")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="default: 0.1")
+    parser.add_argument("--val-fraction", type=fraction, default=0.1, help="default: 0.1")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     # Every output is written to a temporary file first, and those are gone after a Ctrl-C.
     with one_line_errors(interrupted="interrupted: no files were written"):
+        data.check_source(args.source)  # before the tokenizer, which may be downloaded
         data.check_output_folder(args.source, args.data_dir, "--data-dir")
         options = TokenizerOptions("--tokenizer", "--tokenizer-path")
         tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_path, options)

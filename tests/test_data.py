@@ -29,16 +29,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import llm.data as data
-from llm.data import (
-    DataError,
-    RemoteText,
-    TokenDataModule,
-    TrainWindows,
-    ValWindows,
-    check_tokenizer,
-    prepare,
-    read_meta,
-)
+from llm.data import DataError, RemoteText, check_tokenizer, prepare, read_meta
+from llm.datamodule import TokenDataModule, TrainWindows, ValWindows
 from llm.files import made_folder
 from llm.tokenizer import Tokenizer, load_tokenizer
 
@@ -619,14 +611,22 @@ def test_output_folder_is_checked_before_any_work(
 
 
 def test_cli_prepares_and_reports_errors_in_one_line(
-    tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    text_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data_dir = str(tmp_path / "data")
     assert run_cli(str(text_file), "--data-dir", data_dir, "--tokenizer", "bytes") == 0
     assert (tmp_path / "data" / "story" / "train.bin").is_file()
-    assert run_cli(str(tmp_path / "missing.txt"), "--tokenizer", "bytes") == 1
+    with monkeypatch.context() as patch:  # offline, loading GPT-2's ranks would fail first
+        patch.setattr("llm.tokenizer.load_tokenizer", lambda *args: pytest.fail("loaded"))
+        assert run_cli(str(tmp_path / "missing.txt")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: source") and "not found" in err[-1]
+    assert run_cli(str(text_file), "--val-fraction", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--val-fraction: must be a number between 0 and 1, got '1'" in err[0]
     assert run_cli(str(text_file), "--data-dir", str(text_file / "data")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [

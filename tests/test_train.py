@@ -46,7 +46,8 @@ from llm.callbacks import (
     TokenThroughputMonitor,
     whole_model_on_rank_zero,
 )
-from llm.data import DataError, TokenDataModule
+from llm.data import DataError
+from llm.datamodule import TokenDataModule
 from llm.errors import composition_error, one_line_errors, refused_config
 from llm.files import atomic_path
 from llm.generate import generate_text
@@ -623,7 +624,7 @@ def test_a_sigterm_while_the_data_are_prepared_exits_143_leaving_no_files(
             temporary.write_bytes(b"half of the tokens")
             signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr("llm.data.prepare", sigterm_halfway)
+    monkeypatch.setattr("llm.datamodule.prepare", sigterm_halfway)
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exit_info, one_line_errors():  # as scripts/train.py
         train_tiny(corpus, tmp_path / "run")
