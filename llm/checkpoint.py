@@ -69,6 +69,14 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
         else:
             raise ValueError(f"{path} is not a model file llm knows: give {ACCEPTED}")
     model = model_from_weights(config, state_dict, path)
+    # Training stops at the first NaN loss and keeps the last good checkpoint, so weights that
+    # are not finite come from a damaged file; sampling from them would fail deep in torch.
+    broken = [name for name, weight in model.state_dict().items() if not weight.isfinite().all()]
+    if broken:
+        raise ValueError(
+            f"{path}: {len(broken)} of the model's weight tensors, such as {broken[0]}, hold NaN "
+            "or infinite values; is the file corrupt? Give another model file"
+        )
     return model.to(device).eval(), tokenizer
 
 
@@ -217,6 +225,12 @@ def _load_training_checkpoint(path: Path, wanted: str) -> dict[str, Any]:
             f"{path} is not an llm training checkpoint: it needs a state_dict and "
             f"hyper_parameters with 'model' and 'tokenizer'. Give {wanted}"
         )
+    for name, value in checkpoint["state_dict"].items():
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"{path} holds {type(value).__name__} {name} in its state_dict, where a "
+                "tensor belongs; is it corrupt?"
+            )
     return checkpoint
 
 

@@ -10,6 +10,8 @@ from typing import Any, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
+from llm.files import folder_problem
+
 # (config key, the types it may have, a test of its value, what the test asks for in words)
 Check = tuple[str, tuple[type, ...], Callable[[Any], bool], str]
 
@@ -79,6 +81,13 @@ def fraction(text: str) -> float:
     if value is None or not 0 < value < 1:  # NaN is refused too
         raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}")
     return value
+
+
+def output_folder(text: str) -> str:
+    """An argparse ``type``: a folder to write in, there already or made when written to."""
+    if problem := folder_problem(text):
+        raise argparse.ArgumentTypeError(f"{problem}; give a folder you can write")
+    return text
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -59,15 +59,22 @@ def check_folder(path: str | Path, setting: str, writing: bool = True) -> None:
     """Fail now, in one line naming the ``setting`` to change, where ``path`` cannot be a
     folder (something that is not a folder is in its way) or, if ``writing``, cannot be written
     in (the nearest folder that exists is not writable). Creates nothing."""
+    if problem := folder_problem(path, writing):
+        raise ValueError(f"{problem}: set {setting} to a folder you can write")
+
+
+def folder_problem(path: str | Path, writing: bool = True) -> str | None:
+    """Why ``path`` cannot be a folder, or cannot be written in if ``writing`` (see
+    ``check_folder``), as a phrase; None if it can. Creates nothing."""
+    if str(path) == "":  # Path("") is the current folder, never the user's choice
+        return "an empty path is no folder"
     missing = _missing_folders(Path(path))
     existing = missing[-1].parent if missing else Path(path).resolve()
     if not existing.is_dir():
-        problem = f"{existing} is not a folder"
-    elif writing and not _can_write_in(existing):
-        problem = f"{existing} is not writable"
-    else:
-        return
-    raise ValueError(f"cannot write in {path} ({problem}): set {setting} to a folder you can write")
+        return f"cannot write in {path} ({existing} is not a folder)"
+    if writing and not _can_write_in(existing):
+        return f"cannot write in {path} ({existing} is not writable)"
+    return None
 
 
 def _can_write_in(folder: Path) -> bool:

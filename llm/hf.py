@@ -93,12 +93,22 @@ def to_hf_config(config: GPTConfig, eot_token: int | None = None) -> dict[str, A
 def from_hf_config(hf_config: dict[str, Any]) -> GPTConfig:
     """The ``GPTConfig`` of a GPT-2 ``config.json``; raises ValueError for GPT-2 variants that
     our model does not compute (another activation, a custom MLP width, ...)."""
-    n_embd = hf_config.get("n_embd", 768)
+    config = GPTConfig(  # checks the sizes' types and values
+        vocab_size=hf_config.get("vocab_size", 50257),
+        context_length=hf_config.get("n_positions", 1024),
+        n_layer=hf_config.get("n_layer", 12),
+        n_head=hf_config.get("n_head", 12),
+        n_embd=hf_config.get("n_embd", 768),
+        dropout=hf_config.get("resid_pdrop", 0.1),
+        bias=True,
+        qkv_bias=True,
+        tie_embeddings=hf_config.get("tie_word_embeddings", True),
+    )
     # (key, transformers' default, the values our model computes exactly)
     checks = [
         ("model_type", "gpt2", ("gpt2",)),
         ("activation_function", "gelu_new", TANH_GELU),
-        ("n_inner", None, (None, 4 * n_embd)),
+        ("n_inner", None, (None, 4 * config.n_embd)),
         ("layer_norm_epsilon", LAYER_NORM_EPS, (LAYER_NORM_EPS,)),
         ("scale_attn_weights", True, (True,)),
         ("scale_attn_by_inverse_layer_idx", False, (False,)),
@@ -111,17 +121,7 @@ def from_hf_config(hf_config: dict[str, Any]) -> GPTConfig:
                 f"GPT-2 config has {key}={value!r}, which llm's GPT does not compute; "
                 f"it supports {' or '.join(map(repr, accepted))}"
             )
-    return GPTConfig(
-        vocab_size=hf_config.get("vocab_size", 50257),
-        context_length=hf_config.get("n_positions", 1024),
-        n_layer=hf_config.get("n_layer", 12),
-        n_head=hf_config.get("n_head", 12),
-        n_embd=n_embd,
-        dropout=hf_config.get("resid_pdrop", 0.1),
-        bias=True,
-        qkv_bias=True,
-        tie_embeddings=hf_config.get("tie_word_embeddings", True),
-    )
+    return config
 
 
 def weight_names(config: GPTConfig) -> dict[str, tuple[str, bool]]:

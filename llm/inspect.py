@@ -34,7 +34,7 @@ from llm.attention import (
     copy_wrapper_into_fused,
     simple_self_attention,
 )
-from llm.files import atomic_path
+from llm.files import atomic_path, check_folder
 from llm.generate import encode_prompt
 from llm.model import GPT
 from llm.tokenizer import Tokenizer
@@ -201,10 +201,11 @@ def save_figures(
         raise ValueError(
             "nowhere to write the figures: give a PNG folder, a TensorBoard folder, or both"
         )
+    for folder, setting in ((png_dir, "png_dir"), (tensorboard_dir, "tensorboard_dir")):
+        if folder is not None:
+            check_folder(folder, setting)
     paths = []
     if png_dir is not None:
-        if Path(png_dir).is_file():
-            raise ValueError(f"{png_dir} is a file: give a folder to write the PNG files to")
         for name, figure in figures.items():
             paths.append(Path(png_dir) / f"{name}.png")
             with atomic_path(paths[-1]) as tmp:

@@ -10,7 +10,7 @@
 import sys
 
 from llm.checkpoint import load_model_and_tokenizer
-from llm.checks import ArgumentParser, at_least
+from llm.checks import ArgumentParser, at_least, output_folder
 from llm.errors import one_line_errors
 from llm.inspect import TOY_INPUTS, TOY_TOKENS, ladder_figure, model_attention_figures, save_figures
 from llm.tokenizer import TokenizerOptions
@@ -33,8 +33,12 @@ def main() -> None:
     )
     commands.add_parser("ladder", help="each attention ladder step on the toy input")
     for command in commands.choices.values():
-        command.add_argument("--png", metavar="DIR", help="write one PNG per figure here")
-        command.add_argument("--tensorboard", metavar="DIR", help="write to this TensorBoard run")
+        command.add_argument(
+            "--png", metavar="DIR", type=output_folder, help="write one PNG per figure here"
+        )
+        command.add_argument(
+            "--tensorboard", metavar="DIR", type=output_folder, help="write to this TensorBoard run"
+        )
     args = parser.parse_args()
     if args.png is None and args.tensorboard is None:
         parser.error("give --png DIR, --tensorboard DIR, or both")

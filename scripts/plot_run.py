@@ -7,7 +7,7 @@ writes ``docs/loss_curve.png`` from the run's TensorBoard logs (``<run>/tensorbo
 
 from pathlib import Path
 
-from llm.checks import ArgumentParser
+from llm.checks import ArgumentParser, output_folder
 from llm.errors import one_line_errors
 from llm.inspect import loss_curve_figure, save_figures
 
@@ -15,7 +15,9 @@ from llm.inspect import loss_curve_figure, save_figures
 def main() -> None:
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path, help="a training run's output folder")
-    parser.add_argument("--png", metavar="DIR", required=True, help="write loss_curve.png here")
+    parser.add_argument(
+        "--png", metavar="DIR", type=output_folder, required=True, help="write loss_curve.png here"
+    )
     args = parser.parse_args()
     with one_line_errors():
         figure = loss_curve_figure(args.run / "tensorboard")

@@ -198,6 +198,26 @@ def test_weights_of_other_shapes_or_names_are_refused_and_the_rest_load_as_float
             model_from_weights(model.config, {**weights, name: tensor}, "here")
 
 
+def test_a_checkpoint_holding_something_else_than_a_tensor_is_refused(tmp_path):
+    write_training_checkpoint(tiny_model(), tmp_path / "bad.ckpt")
+    checkpoint = torch.load(tmp_path / "bad.ckpt", weights_only=True)
+    checkpoint["state_dict"]["model.final_norm.weight"] = 3
+    torch.save(checkpoint, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=r"holds int model\.final_norm\.weight in its state_dict"):
+        load_model(tmp_path / "bad.ckpt")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused(tmp_path, value):
+    """Sampling from them would fail deep inside torch.multinomial, or draw blank maps."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc.weight[3, 5] = value
+    save_model(model, tmp_path / "model.safetensors", BYTES)
+    with pytest.raises(ValueError, match=r"1 of the model's weight tensors, such as blocks\.1"):
+        load_model(tmp_path / "model.safetensors")
+
+
 def test_a_bad_config_in_a_checkpoint_is_refused(tmp_path):
     write_training_checkpoint(tiny_model(), tmp_path / "bad.ckpt")
     checkpoint = torch.load(tmp_path / "bad.ckpt", weights_only=True)

@@ -167,3 +167,10 @@ def test_gpt2_variants_our_model_does_not_compute_are_refused(key, value):
     config = transformers.GPT2Config(**SIZES[0], **{key: value})
     with pytest.raises(ValueError, match=f"GPT-2 config has {key}="):
         from_hf_config(config.to_dict())
+
+
+@pytest.mark.parametrize(("key", "value"), [("n_embd", None), ("n_layer", "12"), ("n_head", 0)])
+def test_gpt2_configs_with_impossible_sizes_are_refused(key, value):
+    config = transformers.GPT2Config(**SIZES[0]).to_dict() | {key: value}
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        from_hf_config(config)

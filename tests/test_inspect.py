@@ -209,5 +209,9 @@ def test_loss_curve_figure_refuses_a_folder_without_losses(tmp_path: Path) -> No
 
 def test_figures_are_not_written_over_a_file(tmp_path):
     (tmp_path / "maps").write_text("not a folder")
-    with pytest.raises(ValueError, match="is a file: give a folder"):
-        save_figures({"ladder": ladder_figure(TOY_INPUTS, TOY_TOKENS)}, png_dir=tmp_path / "maps")
+    figures = {"ladder": ladder_figure(TOY_INPUTS, TOY_TOKENS)}
+    with pytest.raises(ValueError, match="maps is not a folder\\): set png_dir to a folder"):
+        save_figures(figures, png_dir=tmp_path / "maps")
+    with pytest.raises(ValueError, match="maps is not a folder\\): set tensorboard_dir to"):
+        save_figures(figures, png_dir=tmp_path / "png", tensorboard_dir=tmp_path / "maps/runs")
+    assert [path.name for path in tmp_path.iterdir()] == ["maps"]  # not even the PNG first

@@ -29,6 +29,13 @@ CASES = [
     ("attention.py", [], "error: attention.py: the following arguments are required"),
     ("plot_run.py", ["missing-run", "--png", "pictures"], "no TensorBoard logs at"),
     ("attention.py", ["model", "missing.ckpt", "Hello", "--png", "maps"], "not found"),
+    (
+        "attention.py",  # checked before the model is loaded
+        ["model", "missing.ckpt", "Hello", "--tensorboard", sys.executable],
+        f"--tensorboard: cannot write in {sys.executable} ({Path(sys.executable).resolve()} is "
+        "not a folder); give a folder you can write",
+    ),
+    ("plot_run.py", ["missing-run", "--png", ""], "--png: an empty path is no folder"),
     ("prepare_data.py", ["missing.txt", "--tokenizer", "bytes"], "not found"),
     ("generate.py", ["checkpoint=missing.ckpt", "prompt=Hi"], "model file missing.ckpt"),
     ("generate.py", ["temperatur=0", "prompt=Hi"], "Key 'temperatur' is not in struct"),
