@@ -95,10 +95,16 @@ def load_model_and_tokenizer(
         spec = {**spec, "path": tokenizer_path}
     tokenizer = load_tokenizer(**spec, options=tokenizer_options)
     if tokenizer.vocab_size != model.config.vocab_size:
+        # A Hugging Face folder that names no tokenizer is taken to use GPT-2's.
+        where = (
+            f' (in its config.json as "{HF_TOKENIZER_KEY}": {{"name": ..., "path": ...}})'
+            if Path(path).is_dir()
+            else ""
+        )
         raise ValueError(
             f"{path}: the model has a vocabulary of {model.config.vocab_size} tokens, but its "
-            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size}; give the tokenizer the "
-            "model was trained with"
+            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size}; name the tokenizer the "
+            f"model was trained with{where}"
         )
     return model, tokenizer
 
@@ -106,6 +112,7 @@ def load_model_and_tokenizer(
 def save_model(model: GPT, path: str | Path, tokenizer: dict[str, Any]) -> None:
     """Save ``model`` as one safetensors file that ``load_model`` reads, with its config and
     the tokenizer spec ``tokenizer`` (``{"name": ..., "path": ...}``) in the metadata."""
+    _check_tokenizer_to_save(tokenizer)
     state_dict = _weights(model)
     metadata = {
         "format": "pt",
@@ -130,6 +137,8 @@ def save_hf(
     Models with options GPT-2 lacks (grouped-query attention, RoPE, sliding windows) raise a
     ValueError before anything is written."""
     check_exportable(model.config)
+    if tokenizer is not None:
+        _check_tokenizer_to_save(tokenizer)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = to_hf_state_dict(_weights(model), model.config)
@@ -287,14 +296,28 @@ def _config(fields: dict[str, Any], source: Path) -> GPTConfig:
         raise ValueError(f"{source} holds a model config llm cannot use: {err}") from None
 
 
+def _is_tokenizer_spec(spec: Any) -> bool:
+    """Whether ``spec`` is ``load_tokenizer``'s arguments: ``{"name": str, "path": str | None}``."""
+    return (
+        isinstance(spec, dict)
+        and not spec.keys() - {"name", "path"}
+        and isinstance(spec.get("name"), str)
+        and isinstance(spec.get("path"), str | None)
+    )
+
+
+def _check_tokenizer_to_save(spec: Any) -> None:
+    """Refuse, before anything is written, a tokenizer spec that loading would refuse."""
+    if not _is_tokenizer_spec(spec):
+        raise ValueError(
+            f"tokenizer must be a spec such as {GPT2_TOKENIZER!r}, as load_model returns it, "
+            f"got {spec!r}"
+        )
+
+
 def _tokenizer_spec(spec: Any, source: Path) -> dict[str, Any]:
     """The ``load_tokenizer`` arguments a model file names, checked."""
-    if (
-        not isinstance(spec, dict)
-        or spec.keys() - {"name", "path"}
-        or not isinstance(spec.get("name"), str)
-        or not isinstance(spec.get("path"), str | None)
-    ):
+    if not _is_tokenizer_spec(spec):
         raise ValueError(
             f"{source} names its tokenizer as {spec!r}, not as {{'name': ..., 'path': ...}}; "
             "is it corrupt?"

@@ -151,8 +151,8 @@ def download(url: str, sha256: str, dest: Path) -> None:
     failed, interrupted or corrupted download leaves nothing behind.
     """
     fallback = (
-        f"get the file some other way and put it at {dest}, or give its path as the source "
-        "(data.source=path/to/file.txt)"
+        f"get the file some other way and put it at {dest}, or give a local text file as the "
+        "source (train.py: data.source=path/to/file.txt; prepare_data.py: path/to/file.txt)"
     )
     digest = hashlib.sha256()
     with _atomic_output(dest) as out:

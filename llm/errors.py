@@ -151,6 +151,11 @@ def did_you_mean(error: OmegaConfBaseException) -> str | None:
     return f"Did you mean {prefix}{close[0]}?"
 
 
+def quoting_fix(key: str) -> str:
+    """How to give ``key`` a value as text on the command line, whatever it holds."""
+    return f"""put it in quotes, inside the shell's: '{key}="..."'"""
+
+
 def composition_error(error: ConfigCompositionException | OverrideParseException) -> str:
     """One line for what Hydra refuses while composing the config (a mistyped key, a group
     option that does not exist, an override that does not parse), from the five or more lines
@@ -166,6 +171,11 @@ def composition_error(error: ConfigCompositionException | OverrideParseException
         lines.insert(1, first_line(cause))
         if isinstance(cause, UNKNOWN_KEY_ERRORS) and (close := did_you_mean(cause)):
             lines.insert(2, close)
+    if isinstance(error, OverrideParseException) and "=" in error.override:
+        # Spaces, quotes, brackets, ':' or '=' in a value, or letters outside ASCII, stop
+        # Hydra's parser unless the value is quoted.
+        key = error.override.split("=", 1)[0].lstrip("+~")
+        lines.append(f"If the value is text, {quoting_fix(key)}")
     return " ".join(sentence(line) for line in lines)
 
 

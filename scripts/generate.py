@@ -27,7 +27,7 @@ from llm.checks import (
     non_negative,
     positive,
 )
-from llm.errors import one_line_errors, run_hydra_main
+from llm.errors import one_line_errors, quoting_fix, run_hydra_main
 from llm.generate import TextStream, encode_prompt, generate
 from llm.hardware import device_from_name, has_fast_bf16
 
@@ -55,7 +55,7 @@ def read_prompt(cfg: DictConfig) -> str:
         if not isinstance(cfg.prompt, str):  # Hydra reads true, 12 or 1e3 as values, not text
             raise ValueError(
                 f"prompt was read as {cfg.prompt!r} ({type(cfg.prompt).__name__}), not text: "
-                """put it in quotes, inside the shell's: 'prompt="..."'"""
+                + quoting_fix("prompt")
             )
         return cfg.prompt
     stdin_open = sys.stdin is not None  # None when the shell closed it (<&-)

@@ -301,3 +301,21 @@ def test_a_model_and_a_tokenizer_of_other_vocabularies_are_refused(tmp_path):
     save_model(tiny_model(vocab_size=300), tmp_path / "other.safetensors", BYTES)
     with pytest.raises(ValueError, match="vocabulary of 300 tokens, but its tokenizer 'bytes' has"):
         load_model_and_tokenizer(tmp_path / "other.safetensors")
+
+
+def test_a_hugging_face_folder_of_another_vocabulary_says_where_to_name_its_tokenizer(
+    tmp_path, tiny_ranks_file
+):
+    save_hf(tiny_model(), tmp_path / "hf")  # a bytes model, exported without its tokenizer
+    with pytest.raises(ValueError, match=r"in its config\.json as \"llm_tokenizer\": \{\"name\""):
+        load_model_and_tokenizer(tmp_path / "hf", tokenizer_path=str(tiny_ranks_file))
+
+
+@pytest.mark.parametrize(
+    ("save", "spec"),
+    [(save_model, None), (save_model, "bytes"), (save_hf, {"name": "bytes", "vocab": 257})],
+)
+def test_a_tokenizer_spec_that_loading_would_refuse_is_not_saved(tmp_path, save, spec):
+    with pytest.raises(ValueError, match=r"tokenizer must be a spec such as \{'name': 'gpt2'"):
+        save(tiny_model(), tmp_path / "model", tokenizer=spec)
+    assert list(tmp_path.iterdir()) == []

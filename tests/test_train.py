@@ -339,6 +339,10 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
             "Could not find 'model/gpt3'. Available options: gpt-micro, gpt-micro-modern",
         ),
         ("trainer.max_steps=[", "Could not parse the override 'trainer.max_steps=['"),
+        (  # text Hydra's parser refuses unquoted: the fix says how to quote it
+            "data.source=Shakespeare's.txt",
+            """If the value is text, put it in quotes, inside the shell's: 'data.source="..."'.""",
+        ),
         ("model.n_layer=six", "Value 'six' of type 'str' could not be converted to Integer"),
     ],
 )
