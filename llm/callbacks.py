@@ -268,7 +268,9 @@ class GracefulStop(L.Callback):
     at once, and after their grace period they stop a process with SIGKILL anyway.
 
     Stopping between steps keeps the checkpoint consistent; ``signal_name`` tells the caller
-    why training ended and ``checkpoint_path`` where it was saved.
+    why training ended and ``checkpoint_path`` where it was saved. A signal during a validation
+    takes effect once it ends (at the step after it), and one during the last step, or its
+    validation, lets the run end as planned; a warning says so at once.
     """
 
     def __init__(self, distributed_check_every: int = 10) -> None:
@@ -278,6 +280,7 @@ class GracefulStop(L.Callback):
         self.signal_name: str | None = None
         self.checkpoint_path: Path | None = None
         self._previous_handlers: dict[int, Any] = {}
+        self._warned = False
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -322,6 +325,28 @@ class GracefulStop(L.Callback):
         # this step anyway still runs: a resumed run starts after it and would never run it.
         if not validation_due(trainer):
             trainer.limit_val_batches = 0
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        # A validation of a large split can take minutes: say at once that the signal was heard.
+        if self.signal_name is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._warn_once(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.signal_name is not None and self.checkpoint_path is None:
+            self._warn_once(trainer)
+
+    def _warn_once(self, trainer: L.Trainer) -> None:
+        """Say, once and on rank 0, what the signal heard does."""
+        if self._warned or not trainer.is_global_zero:
+            return
+        self._warned = True
+        if trainer.global_step >= trainer.max_steps:
+            log.warning(
+                "%s: it came in the last step, and the run ends as planned", self.signal_name
+            )
+            return
+        again = "; Ctrl-C again stops at once" if self.signal_name == "SIGINT" else ""
+        log.warning("%s: stopping once this validation ends%s", self.signal_name, again)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for signum, handler in self._previous_handlers.items():

@@ -70,9 +70,11 @@ def refused_config(error: InstantiationException) -> str | None:
     """What to print for a config that the class its ``_target_`` names refused, or None when
     the class failed in some other way (a bug, which keeps its traceback)."""
     cause = error.__cause__
-    if isinstance(cause, ImportError):  # the _target_ names no class
+    if str(error).startswith("Error locating target"):  # the _target_ names no class
         message = first_line(error).split(", set env var")[0]
-    elif isinstance(cause, expected_errors()) or (
+    # An ImportError here: a package the class needs for a setting is missing (torch_xla, for
+    # trainer.accelerator=tpu).
+    elif isinstance(cause, (*expected_errors(), ImportError)) or (
         isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause)  # a typo
     ):
         message = first_line(cause)

@@ -122,6 +122,23 @@ def register_model_presets() -> None:
         store.store(group="model", name=name, node=node)
 
 
+# What Lightning's Trainer takes as precision (its _PRECISION_INPUT), and llm's auto.
+PRECISIONS = (
+    *("auto", "bf16-mixed", "16-mixed", "32-true", "bf16-true", "16-true", "64-true"),
+    *("transformer-engine", "transformer-engine-float16", "bf16", "16", "32", "64", 16, 32, 64),
+)
+
+
+def devices_setting(value: Any) -> bool:
+    """A test for ``trainer.devices``: a number of devices, -1 (all), auto, or device ids as a
+    list or a string ("0,1")."""
+    if isinstance(value, int):
+        return value > 0 or value == -1
+    if isinstance(value, str):
+        return value == "auto" or re.fullmatch(r"-1|\d+(,\d+)*,?", value) is not None
+    return bool(value) and all(type(i) is int and i >= 0 for i in value)
+
+
 # Every number the run depends on, checked before anything is built. The data's and the
 # module's seeds are the run's (${seed}) unless set apart.
 CHECKS: list[Check] = [
@@ -139,6 +156,18 @@ CHECKS: list[Check] = [
         "null (every batch), a number of batches, or a fraction in [0, 1]",
     ),
     ("trainer.accumulate_grad_batches", INTEGER, positive, "a positive integer"),
+    (
+        "trainer.devices",
+        (int, str, Sequence),
+        devices_setting,
+        "a number of devices, -1 (all), auto, or device ids such as [0,1]",
+    ),
+    (
+        "trainer.precision",
+        (int, str),
+        lambda v: v in PRECISIONS,
+        "auto, bf16-mixed, 16-mixed, 32-true or another of Lightning's precisions",
+    ),
     (
         "trainer.gradient_clip_val",
         OPTIONAL_NUMBER,
@@ -182,6 +211,13 @@ CHECKS: list[Check] = [
     ),
 ]
 
+PROGRESS_BAR_CHECK: Check = (
+    "callbacks.progress_bar.refresh_rate",
+    INTEGER,
+    positive,
+    "a positive integer (steps); trainer.enable_progress_bar=false hides the bar",
+)
+
 
 def validate(cfg: DictConfig, warn: bool = True) -> None:
     """Fail before any work, with one line naming the key and the fix, on an impossible value;
@@ -198,6 +234,8 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
             f"callbacks.checkpoint.monitor={monitor} is no metric the run logs: use one of "
             + ", ".join(LOGGED_METRICS)
         )
+    if OmegaConf.select(cfg, "callbacks.progress_bar") is not None:  # read only in training
+        check_values(cfg, [PROGRESS_BAR_CHECK])
     if not cfg.data.get("source"):
         raise ValueError(
             "data.source is not set: give a text file, a folder or a glob, "
@@ -211,6 +249,15 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
         raise ValueError(
             f"trainer.accelerator={cfg.trainer.accelerator} but torch sees no CUDA GPU here; "
             "use trainer=auto or trainer=cpu, or install a CUDA build of torch."
+        )
+    devices = cfg.trainer.devices
+    on_cpu = cfg.trainer.accelerator == "cpu" or (
+        cfg.trainer.accelerator == "auto" and not torch.cuda.is_available()
+    )
+    if on_cpu and not (devices == "auto" or str(devices).isdigit()):  # a count, not GPU ids
+        raise ValueError(
+            f"trainer.devices={devices} is for GPUs, but this run is on the CPU: give a number "
+            "of processes, e.g. trainer.devices=2"
         )
     if cfg.ckpt_path is not None:
         if not Path(cfg.ckpt_path).is_file():

@@ -187,6 +187,17 @@ class SignalAtStep(L.Callback):
                 signal.raise_signal(self.signum)
 
 
+class SignalInFirstValidation(L.Callback):
+    """Sends this process a Ctrl-C as the first validation of training starts."""
+
+    sent = False
+
+    def on_validation_batch_start(self, trainer, *args) -> None:
+        if not self.sent:
+            self.sent = True
+            signal.raise_signal(signal.SIGINT)
+
+
 class PoisonAtStep(L.Callback):
     """Sets the final norm's gains to ``value`` after a given step: NaN, as a diverging run
     would, or 0, which makes every prediction uniform (a worse loss, but finite)."""
@@ -372,6 +383,21 @@ def test_a_config_refused_is_one_line_but_a_bug_keeps_its_traceback():
     assert errors[1] is None  # re-raised by one_line_errors, traceback and all
 
 
+class NeedsAPackage:
+    def __init__(self) -> None:  # as Lightning's Trainer for accelerator=tpu without torch_xla
+        raise ModuleNotFoundError("Requirement 'torch_xla>=1.13' not met. HINT: pip install it")
+
+
+def test_a_package_a_setting_needs_is_named_in_one_line():
+    with pytest.raises(InstantiationException) as caught:
+        hydra.utils.instantiate(
+            OmegaConf.create({"trainer": {"_target_": f"{__name__}.NeedsAPackage"}}).trainer
+        )
+    assert refused_config(caught.value) == (
+        "trainer: Requirement 'torch_xla>=1.13' not met. HINT: pip install it"
+    )
+
+
 def run_sweep(corpus: Path, sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     """``scripts/train.py --multirun`` of the tiny run with ``overrides``, into ``sweep_dir``."""
     return run_script(
@@ -541,8 +567,30 @@ def test_sigterm_sent_twice_still_saves_before_stopping(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_signal_at_the_last_step_lets_the_run_end_as_usual(corpus, tmp_path):
-    stopped = train_with_signal(corpus, tmp_path / "run", signal.SIGINT, 5, "trainer.max_steps=6")
+def test_a_signal_during_a_validation_is_heard_and_stops_training_after_it(
+    corpus, tmp_path, caplog
+):
+    run_dir = tmp_path / "run"
+    cfg = compose_run(tiny_overrides(corpus, run_dir, "trainer.max_steps=8"), run_dir)
+    with open_dict(cfg):
+        cfg.callbacks.signal = {"_target_": f"{__name__}.SignalInFirstValidation"}
+    with caplog.at_level(logging.WARNING, logger="llm.callbacks"):
+        stopped = train(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "llm.callbacks"]
+    assert warnings == ["SIGINT: stopping once this validation ends; Ctrl-C again stops at once"]
+    assert stopped.checkpoint_path == run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(stopped.checkpoint_path, weights_only=True)["global_step"] == 4
+    assert validated_steps(run_dir) == [2]  # the whole first validation, and no other
+
+
+@pytest.mark.slow
+def test_a_signal_at_the_last_step_lets_the_run_end_as_usual(corpus, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="llm.callbacks"):
+        stopped = train_with_signal(
+            corpus, tmp_path / "run", signal.SIGINT, 5, "trainer.max_steps=6"
+        )
+    warnings = [r.getMessage() for r in caplog.records if r.name == "llm.callbacks"]
+    assert warnings == ["SIGINT: it came in the last step, and the run ends as planned"]
     assert stopped.checkpoint_path is None  # nothing to resume: no "Stopped by" message
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 6
@@ -835,6 +883,20 @@ def test_a_callback_set_to_null_is_left_out(corpus, tmp_path):
         ("module.min_lr=0", None),
         ("module.betas=[0.9,1.0]", "module.betas must be two numbers in [0, 1)"),
         ("module.min_lr=1e-2", "module.min_lr must not exceed module.learning_rate"),
+        ("trainer.devices=2", None),  # processes on the CPU
+        ("trainer.devices='2'", None),
+        ("trainer.devices=auto", None),
+        *(
+            pytest.param(
+                f"trainer.devices={devices}",
+                f"trainer.devices={shown} is for GPUs, but this run is on the CPU",
+                marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there"),
+            )
+            for devices, shown in (("-1", "-1"), ("[0,1]", "[0, 1]"))
+        ),
+        ("trainer.precision=bf16-mixed", None),
+        ("trainer.precision=32", None),
+        ("callbacks.progress_bar=null", None),  # nothing to check
     ],
 )
 def test_the_edges_of_what_the_config_allows(corpus, tmp_path, override, refused):
@@ -1096,6 +1158,10 @@ def test_a_source_folder_named_by_a_number(corpus, tmp_path, monkeypatch):
         ),
         ("module.compile_model=no", "module.compile_model must be true or false, got 'no'"),
         ("trainer.deterministic=maybe", "trainer.deterministic must be true, false, warn or"),
+        ("trainer.devices=abc", "trainer.devices must be a number of devices, -1 (all), auto,"),
+        ("trainer.devices=1.5", "trainer.devices must be a number of devices"),
+        ("trainer.precision=16-bogus", "trainer.precision must be auto, bf16-mixed, 16-mixed,"),
+        ("callbacks.progress_bar.refresh_rate=abc", "refresh_rate must be a positive integer"),
         (
             "callbacks.checkpoint.monitor=val/los",
             "callbacks.checkpoint.monitor=val/los is no metric the run logs: use one of val/loss",
