@@ -307,7 +307,7 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
         "data.batch_size=0": "data.batch_size must be a positive integer",
         # Refused by the classes the config builds, named by their config key.
         "+trainer.max_stepz=5": "trainer: Trainer.__init__() got an unexpected keyword argument",
-        "trainer.devices=0": "trainer: `Trainer(devices=0)` value is not a valid input",
+        "trainer.strategy=nope": "trainer: You selected an invalid strategy name: `strategy='n",
         "callbacks.throughput.window_size=1": "callbacks.throughput: window_size must be at least",
         "callbacks.throughput._target_=llm.Nothing": "callbacks.throughput: Error locating target",
     }
