@@ -68,6 +68,18 @@ def test_bad_input_is_one_line(tmp_path):
         assert list((tmp_path / str(number)).iterdir()) == [], case  # nothing written
 
 
+def test_generate_help_lists_its_settings_not_trainings():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "generate.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "max_new_tokens: 200" in result.stdout and "top_p: null" in result.stdout
+    assert "trainer" not in result.stdout and "Configuration groups" not in result.stdout
+
+
 # generate.py's own checks, in-process: its one line for any of them is tested above.
 GENERATE_CASES = [
     (["device=cuda:x"], "device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
