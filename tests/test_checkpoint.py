@@ -198,7 +198,7 @@ def test_weights_of_other_shapes_or_names_are_refused_and_the_rest_load_as_float
             model_from_weights(model.config, {**weights, name: tensor}, "here")
 
 
-def test_a_checkpoint_holding_something_else_than_a_tensor_is_refused(tmp_path):
+def test_a_checkpoint_holding_something_other_than_a_tensor_is_refused(tmp_path):
     write_training_checkpoint(tiny_model(), tmp_path / "bad.ckpt")
     checkpoint = torch.load(tmp_path / "bad.ckpt", weights_only=True)
     checkpoint["state_dict"]["model.final_norm.weight"] = 3
