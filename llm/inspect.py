@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor
@@ -211,10 +213,20 @@ def save_figures(
             with atomic_path(paths[-1]) as tmp:
                 figure.savefig(tmp, dpi=120, format="png")
     if tensorboard_dir is not None:
+        # Drawn before the event file is made, so that an error or Ctrl-C while drawing (seconds,
+        # for a large model's figures) leaves no event file without the figures in it.
+        images = {name: _drawn(figure) for name, figure in figures.items()}
         with SummaryWriter(str(tensorboard_dir)) as writer:
-            for name, figure in figures.items():
-                writer.add_figure(f"{prefix}/{name}", figure, close=False)
+            for name, image in images.items():
+                writer.add_image(f"{prefix}/{name}", image, dataformats="HWC")
     return paths
+
+
+def _drawn(figure: Figure) -> np.ndarray:
+    """``figure`` drawn as an (H, W, 3) uint8 image, as TensorBoard's ``add_figure`` draws it."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3]
 
 
 def _maps_figure(

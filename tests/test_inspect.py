@@ -9,8 +9,10 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 from matplotlib.figure import Figure
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
+import llm.inspect
 from llm.inspect import (
     TOY_INPUTS,
     TOY_TOKENS,
@@ -133,9 +135,29 @@ def test_save_figures_writes_pngs_and_tensorboard_events(tmp_path):
     assert paths == [tmp_path / "png" / "ladder.png"]
     assert paths[0].read_bytes().startswith(PNG_MAGIC)
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    assert len(events) == 1 and events[0].stat().st_size > 1000  # holds the image
+    assert len(events) == 1
+    run = EventAccumulator(str(tmp_path / "tb"))
+    run.Reload()
+    [image] = run.Images("attention/ladder")
+    width, height = figures["ladder"].canvas.get_width_height()
+    assert (image.width, image.height) == (width, height)
     with pytest.raises(ValueError, match="nowhere to write the figures"):
         save_figures(figures)
+
+
+def test_figures_interrupted_while_drawn_leave_no_event_file(tmp_path, monkeypatch):
+    figures = {"a": ladder_figure(TOY_INPUTS, TOY_TOKENS), "b": Figure()}
+    drawn = llm.inspect._drawn
+
+    def interrupted_at_b(figure: Figure):
+        if figure is figures["b"]:
+            raise KeyboardInterrupt
+        return drawn(figure)
+
+    monkeypatch.setattr(llm.inspect, "_drawn", interrupted_at_b)
+    with pytest.raises(KeyboardInterrupt):
+        save_figures(figures, tensorboard_dir=tmp_path / "tb")
+    assert not (tmp_path / "tb").exists()
 
 
 def run_attention_script(monkeypatch, *args: str) -> None:
