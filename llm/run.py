@@ -245,15 +245,13 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
     check_source(source)
     if cfg.module.min_lr > cfg.module.learning_rate:
         raise ValueError("module.min_lr must not exceed module.learning_rate.")
-    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    if accelerator_type(cfg.trainer.accelerator) == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"trainer.accelerator={cfg.trainer.accelerator} but torch sees no CUDA GPU here; "
             "use trainer=auto or trainer=cpu, or install a CUDA build of torch."
         )
     devices = cfg.trainer.devices
-    on_cpu = cfg.trainer.accelerator == "cpu" or (
-        cfg.trainer.accelerator == "auto" and not torch.cuda.is_available()
-    )
+    on_cpu = accelerator_type(cfg.trainer.accelerator) == "cpu"
     if on_cpu and not (devices == "auto" or str(devices).isdigit()):  # a count, not GPU ids
         raise ValueError(
             f"trainer.devices={devices} is for GPUs, but this run is on the CPU: give a number "
@@ -412,11 +410,19 @@ def validation_interval(trainer: DictConfig) -> int:
     return trainer.val_check_interval * trainer.accumulate_grad_batches
 
 
+def accelerator_type(accelerator: str) -> str:
+    """What ``trainer.accelerator`` runs on: ``cuda`` (gpu, cuda, or auto with a GPU), ``cpu``
+    (cpu, or auto without one), or the name given (tpu, mps)."""
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if accelerator == "gpu" else accelerator
+
+
 def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     """``auto`` -> ``bf16-mixed`` where the hardware runs bf16 fast, else ``32-true``."""
     if precision != "auto":
         return precision
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    on_gpu = accelerator_type(accelerator) == "cuda"
     return "bf16-mixed" if has_fast_bf16("cuda" if on_gpu else "cpu") else "32-true"
 
 
