@@ -14,8 +14,9 @@ Each step adds one idea to the step above it:
    position embeddings.
 8. ``SlidingWindowAttention``: each token attends to at most the last ``window`` tokens.
 
-Steps 5 to 8 share one forward: each later step overrides one small method of it. The GPT
-uses the simplest step its config needs (``llm.model.attention_for``).
+Steps 5 to 8 share one forward: step 6 makes fewer key/value heads, and steps 7 and 8 each
+override one small method of it. The GPT uses the simplest step its config needs
+(``llm.model.attention_for``).
 
 Every step can return its attention weights (``return_weights=True``) so that the ladder can
 be inspected side by side. Shapes: B batch, T tokens, S key positions (T plus any cached
@@ -32,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from llm.values import is_number, is_positive_integer
 
 if TYPE_CHECKING:  # imported where first used: FlexAttention imports torch.compile's machinery
     from torch.nn.attention.flex_attention import BlockMask
@@ -138,7 +141,12 @@ class CausalAttention(SelfAttention):
         self.register_buffer("mask", causal_mask(context_length, context_length), persistent=False)
 
     def attention_weights(self, queries: Tensor, keys: Tensor) -> Tensor:
-        num_tokens = queries.size(-2)
+        num_tokens, context_length = queries.size(-2), self.mask.size(0)
+        if num_tokens > context_length:
+            raise ValueError(
+                f"{num_tokens} tokens do not fit the context_length of {context_length}: crop the "
+                "input or make the module with a longer context_length."
+            )
         weights = scaled_attention_weights(queries, keys, self.mask[:num_tokens, :num_tokens])
         return self.dropout(weights)
 
@@ -198,8 +206,9 @@ class KVCache:
     """
 
     def __init__(self, max_length: int, window: int | None = None) -> None:
-        if window is not None and window <= 0:
-            raise ValueError(f"window must be a positive number of tokens, got {window}.")
+        _check_positive("max_length", max_length)
+        if window is not None:
+            _check_positive("window", window)
         self.max_length = max_length
         self.window = window
         self.length = 0
@@ -215,6 +224,13 @@ class KVCache:
     def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Store (B, nkv, T, hs) new keys and values; return every (B, nkv, S, hs) one the new
         queries may attend to, the new ones last: all so far, or those within the window."""
+        if self.keys is not None and keys.shape[:2] + keys.shape[3:] != (
+            self.keys.shape[:2] + self.keys.shape[3:]
+        ):
+            raise ValueError(
+                f"KV cache holds keys of shape {tuple(self.keys.shape)} (B, nkv, S, hs), got "
+                f"{tuple(keys.shape)}: use one cache per layer and batch (new_kv_caches())."
+            )
         end = self.length + keys.size(2)
         if end > self.max_length:
             raise ValueError(
@@ -260,9 +276,10 @@ class MultiHeadAttention(nn.Module):
     ``return_weights=True`` takes an explicit softmax path that builds the weights, for
     inspection only; training never uses it. Dropout acts only in training mode.
 
-    The forward runs in small methods that the next steps of the ladder override, so that one
-    forward serves them all: ``split_heads`` (step 6 makes fewer key/value heads), ``rotate``
-    (step 7 rotates by position), ``attention_mask`` and ``attend`` (step 8 limits the keys).
+    The forward runs in small methods, so that one forward serves the next steps of the ladder
+    too: ``split_heads`` splits by ``num_kv_heads``, which step 6 lowers (its projection makes
+    fewer key/value heads); step 7 overrides ``rotate`` (rotating by position) and step 8
+    ``attention_mask`` and ``attend`` (limiting the keys).
     """
 
     def __init__(
@@ -277,6 +294,8 @@ class MultiHeadAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.head_dim = _head_dim(d_out, num_heads)
+        if not (is_number(dropout) and 0 <= dropout < 1):
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}.")
         self.d_out = d_out
         self.num_heads = num_heads
         self.num_kv_heads = num_heads  # every query head has its own key and value head
@@ -288,6 +307,8 @@ class MultiHeadAttention(nn.Module):
     def forward(
         self, x: Tensor, kv_cache: KVCache | None = None, return_weights: bool = False
     ) -> AttentionOutput:
+        if x.dim() != 3:
+            raise ValueError(f"Inputs must be batched, (B, T, d_in), got {tuple(x.shape)}.")
         B, T, _ = x.shape
         queries, keys, values = self.split_heads(self.qkv(x))  # (B, nh, T, hs), 2×(B, nkv, T, hs)
         start = 0 if kv_cache is None else kv_cache.length  # position of the first new token
@@ -371,7 +392,7 @@ class GroupedQueryAttention(MultiHeadAttention):
     def __init__(self, *args: Any, num_kv_heads: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         num_kv_heads = self.num_heads if num_kv_heads is None else num_kv_heads
-        if num_kv_heads <= 0 or self.num_heads % num_kv_heads:
+        if not is_positive_integer(num_kv_heads) or self.num_heads % num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
                 f"({num_kv_heads}): each key/value head serves a group of query heads."
@@ -400,6 +421,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE rotates pairs of dimensions: head size {head_dim} is odd.")
+        _check_positive("max_positions", max_positions)
+        if not (is_number(theta) and 0 < theta < math.inf):
+            raise ValueError(f"RoPE's theta must be a positive finite number, got {theta!r}.")
         self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
         self.register_buffer("cos", torch.empty(0), persistent=False)  # (max_positions, hs/2)
         self.register_buffer("sin", torch.empty(0), persistent=False)
@@ -418,6 +442,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: Tensor, start: int = 0) -> Tensor:
         """x (..., T, hs) at positions start .. start + T - 1 -> rotated, same shape."""
         T = x.size(-2)
+        if start < 0:
+            raise ValueError(f"RoPE positions start at 0 or later, got start={start}.")
         if start + T > self.max_positions:
             raise ValueError(
                 f"RoPE position {start + T - 1} is past the {self.max_positions} positions "
@@ -482,8 +508,7 @@ class SlidingWindowAttention(RotaryAttention):
         self, *args: Any, window: int, use_flex: bool | None = None, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
-        if window <= 0:
-            raise ValueError(f"window must be a positive number of tokens, got {window}.")
+        _check_positive("window", window)
         self.window = window
         self.use_flex = use_flex
 
@@ -545,8 +570,24 @@ def copy_wrapper_into_fused(wrapper: MultiHeadAttentionWrapper, fused: MultiHead
 
     The fused projection stacks every head's query rows, then every head's key rows, then the
     value rows. The wrapper has no output projection, so the fused one becomes the identity.
+    Modules of other sizes, head counts or biases raise a ValueError: no copy could make them
+    equal.
     """
     heads = wrapper.heads
+    first = heads[0].W_query
+    wrapper_shape = (first.in_features, first.out_features * len(heads), len(heads))
+    fused_shape = (fused.qkv.in_features, fused.d_out, fused.num_heads)
+    if (
+        wrapper_shape != fused_shape
+        or fused.num_kv_heads != fused.num_heads
+        or (first.bias is None) != (fused.qkv.bias is None)
+    ):
+        raise ValueError(
+            f"Cannot copy a wrapper of (d_in, d_out, heads) {wrapper_shape} "
+            f"{'with' if first.bias is not None else 'without'} qkv biases into a fused module "
+            f"of {fused_shape} ({fused.num_kv_heads} key/value heads) "
+            f"{'with' if fused.qkv.bias is not None else 'without'}: make them alike."
+        )
     for part, name in enumerate(("W_query", "W_key", "W_value")):
         rows = slice(part * fused.d_out, (part + 1) * fused.d_out)
         fused.qkv.weight[rows] = torch.cat([getattr(head, name).weight for head in heads])
@@ -557,8 +598,13 @@ def copy_wrapper_into_fused(wrapper: MultiHeadAttentionWrapper, fused: MultiHead
         fused.out_proj.bias.zero_()
 
 
+def _check_positive(name: str, value: object) -> None:
+    if not is_positive_integer(value):
+        raise ValueError(f"{name} must be a positive whole number of tokens, got {value!r}.")
+
+
 def _head_dim(d_out: int, num_heads: int) -> int:
-    if num_heads <= 0 or d_out % num_heads:
+    if not is_positive_integer(num_heads) or d_out % num_heads:
         raise ValueError(
             f"d_out ({d_out}) must be divisible by num_heads ({num_heads}): each head gets "
             "d_out / num_heads dimensions."

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from llm.attention import RotaryEmbedding
 from llm.errors import first_line
-from llm.files import atomic_path
+from llm.files import atomic_path, check_file, check_folder, made_folder
 from llm.hf import (
     check_exportable,
     from_hf_config,
@@ -52,6 +52,7 @@ PICKLE_MAGIC = b"\x80"  # the legacy torch.save format starts with a pickle prot
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict[str, Any]]:
     """The model stored at ``path``, in eval mode on ``device``, and its tokenizer spec
     (``load_tokenizer(**spec)`` loads the tokenizer)."""
+    _check_device(device)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model file {path} not found: give {ACCEPTED}")
@@ -79,6 +80,17 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
             "or infinite values; is the file corrupt? Give another model file"
         )
     return model.to(device).eval(), tokenizer
+
+
+def _check_device(device: torch.device | str) -> None:
+    """Refuse, before the file is read, a device that this machine or torch build lacks."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as err:  # torch raises each for some
+        raise ValueError(
+            f"device {str(device)!r} cannot be used here ({first_line(err)}); use 'cpu' or "
+            "a device this machine has"
+        ) from None
 
 
 def load_model_and_tokenizer(
@@ -114,6 +126,7 @@ def save_model(model: GPT, path: str | Path, tokenizer: dict[str, Any]) -> None:
     """Save ``model`` as one safetensors file that ``load_model`` reads, with its config and
     the tokenizer spec ``tokenizer`` (``{"name": ..., "path": ...}``) in the metadata."""
     _check_tokenizer_to_save(tokenizer)
+    check_file(path, "save_model's path")
     state_dict = _weights(model)
     metadata = {
         "format": "pt",
@@ -140,23 +153,27 @@ def save_hf(
     check_exportable(model.config)
     if tokenizer is not None:
         _check_tokenizer_to_save(tokenizer)
+    check_folder(folder, "save_hf's folder")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     weights = to_hf_state_dict(_weights(model), model.config)
     hf_config = to_hf_config(model.config, eot_token)
     if tokenizer is not None and tokenizer != GPT2_TOKENIZER:
         hf_config[HF_TOKENIZER_KEY] = dict(tokenizer)
     config = json.dumps(hf_config, indent=2)
     # transformers only reads safetensors files whose metadata says they hold torch tensors.
-    with atomic_path(folder / "model.safetensors") as tmp:
-        save_file(weights, tmp, {"format": "pt"})
-    with atomic_path(folder / "config.json") as tmp:
-        tmp.write_text(config + "\n")
+    with made_folder(folder):
+        with atomic_path(folder / "model.safetensors") as tmp:
+            save_file(weights, tmp, {"format": "pt"})
+        with atomic_path(folder / "config.json") as tmp:
+            tmp.write_text(config + "\n")
 
 
-def read_training_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
+def read_training_checkpoint(
+    path: str | Path,
+) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
     """The model config, GPT weights and tokenizer spec of a Lightning checkpoint written by
     llm's training. Anything else raises a one-line ValueError that names what to give."""
+    path = Path(path)
     checkpoint = _load_training_checkpoint(path, ACCEPTED)
     # The LightningModule holds the GPT as ``self.model`` (a torch.compile'd one as
     # ``model._orig_mod``). Other entries (a loss module, metrics) are not the model's. The
@@ -180,9 +197,10 @@ class CheckpointSummary(NamedTuple):
     resumable: bool  # holds the optimizer's and the loops' state, not only the weights
 
 
-def training_checkpoint_summary(path: Path, wanted: str = ACCEPTED) -> CheckpointSummary:
+def training_checkpoint_summary(path: str | Path, wanted: str = ACCEPTED) -> CheckpointSummary:
     """The ``CheckpointSummary`` of a training checkpoint: none of its tensors is read. Raises
     like ``read_training_checkpoint``, asking for ``wanted``."""
+    path = Path(path)
     checkpoint = _load_training_checkpoint(path, wanted)
     config, tokenizer = _described_model(checkpoint["hyper_parameters"], path)
     loops = checkpoint.get("loops") or {}
@@ -210,6 +228,8 @@ def _described_model(
 def _load_training_checkpoint(path: Path, wanted: str) -> dict[str, Any]:
     """The checkpoint dict, its tensors memory-mapped where the format allows: they are read
     only when used, and the optimizer state not at all."""
+    if not path.is_file():
+        raise FileNotFoundError(f"training checkpoint {path} not found: give {wanted}")
     with path.open("rb") as file:
         head = file.read(len(ZIP_MAGIC))
     zipped = head == ZIP_MAGIC

@@ -16,6 +16,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     completes. It lies beside ``path`` (the same file system, so the rename is atomic) and is
     deleted on any error or Ctrl-C: ``path`` is always whole, old or new, or absent, and so are
     the folders made for it (``made_folder``)."""
+    # The folder as the file system finds it: in ``missing/../name`` the file goes in the current
+    # folder, where the temporary file is made, not in ``missing``.
+    path = path.parent.resolve() / path.name
     with made_folder(path.parent):
         descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(descriptor)
@@ -61,6 +64,20 @@ def check_folder(path: str | Path, setting: str, writing: bool = True) -> None:
     in (the nearest folder that exists is not writable). Creates nothing."""
     if problem := folder_problem(path, writing):
         raise ValueError(f"{problem}: set {setting} to a folder you can write")
+
+
+def check_file(path: str | Path, setting: str) -> None:
+    """Fail now, in one line naming the ``setting`` to change, where a file cannot be written
+    at ``path``: no file name, a folder in its place, or a folder for it that cannot be made or
+    written in (``check_folder``). Creates nothing."""
+    if Path(path).name in ("", ".."):  # "", "." and "a/.." too
+        problem = f"{str(path)!r} names no file"
+    elif Path(path).is_dir():
+        problem = f"cannot write the file {path}: it is a folder"
+    else:
+        problem = folder_problem(Path(path).parent)
+    if problem:
+        raise ValueError(f"{problem}: set {setting} to a file path you can write")
 
 
 def folder_problem(path: str | Path, writing: bool = True) -> str | None:

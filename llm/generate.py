@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from llm.attention import KVCache
-from llm.model import GPT
+from llm.model import GPT, check_token_id
 from llm.tokenizer import Tokenizer
+from llm.values import is_number, is_whole_number
 
 
 def generate(
@@ -56,12 +57,14 @@ def generate(
     Past ``context_length`` tokens the window slides, as the module docstring describes.
 
     The model runs in eval mode (no dropout) and without gradients while the tokens are
-    generated, and returns to its previous mode afterwards. Arguments are checked at the call.
+    generated, and returns to its previous mode afterwards. Arguments are checked at the call,
+    but for the ids' values, which the model checks at the first step.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not is_whole_number(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p)
-    _check_prompt_length(idx, model.config.context_length)
+    check_token_id(eot_token, model.config.vocab_size, "eot_token")
+    _check_prompt(idx, model.config.context_length)
     sample = lambda logits: sample_next_token(logits, temperature, top_k, top_p, generator)
     return _generate(model, idx, max_new_tokens, sample, eot_token, use_cache)
 
@@ -122,6 +125,7 @@ def sample_next_token(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """One token id (B,) drawn from next-token logits (B, V), as ``generate`` describes."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     # Sample in float32 even for a bf16 model: low-precision probabilities round small ones to 0.
@@ -171,7 +175,7 @@ class TextStream:
         self.num_tokens = 0
 
     def __iter__(self) -> Iterator[str]:
-        token_bytes = self.tokenizer.encoding.decode_single_token_bytes
+        token_bytes = self.tokenizer.token_bytes
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for token in map(int, self.tokens):
             if token == self.tokenizer.eot_token:
@@ -192,21 +196,24 @@ def encode_prompt(
 ) -> Tensor:
     """The prompt's token ids (1, T), checked to be non-empty and to fit the context; with
     ``max_tokens``, only its first ``max_tokens`` tokens."""
+    if max_tokens is not None and (not is_whole_number(max_tokens) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a whole number >= 1 or None, got {max_tokens!r}")
     ids = tokenizer.encode(prompt)[:max_tokens]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     if idx.numel() == 0:
         raise ValueError("the prompt is empty: give some text to continue")
-    _check_prompt_length(idx, context_length)
+    _check_prompt(idx, context_length)
     return idx
 
 
 def generate_text(
     model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, **options: Any
 ) -> str:
-    """The continuation of ``prompt``, decoded at once, up to the end-of-text token;
-    ``options`` are ``generate``'s keyword arguments."""
+    """The continuation of ``prompt``, decoded at once, up to the end-of-text token (the
+    tokenizer's, unless ``options`` name another ``eot_token``); ``options`` are ``generate``'s
+    keyword arguments."""
     idx = encode_prompt(tokenizer, prompt, model.config.context_length, _device(model))
-    eot = tokenizer.eot_token
+    eot = options.pop("eot_token", tokenizer.eot_token)
     new_tokens = generate_tokens(model, idx, max_new_tokens, eot_token=eot, **options)[0]
     new_tokens = new_tokens[idx.size(1) :].tolist()
     if eot in new_tokens:
@@ -218,10 +225,17 @@ def _device(model: GPT) -> torch.device:
     return model.token_embedding.weight.device
 
 
-def _check_prompt_length(idx: Tensor, context_length: int) -> None:
-    if idx.dim() != 2 or idx.size(1) == 0:
+def _check_prompt(idx: Tensor, context_length: int) -> None:
+    if not isinstance(idx, Tensor) or idx.dtype not in (torch.long, torch.int):
+        what = idx.dtype if isinstance(idx, Tensor) else type(idx).__name__
+        raise ValueError(
+            f"the prompt must be token ids, a torch.long tensor (batch, tokens), not {what}"
+        )
+    if idx.dim() != 2 or 0 in idx.shape:
         shape = tuple(idx.shape)
-        raise ValueError(f"the prompt must be token ids (batch, tokens >= 1), not {shape}")
+        raise ValueError(
+            f"the prompt must be token ids (batch >= 1, tokens >= 1), not of shape {shape}"
+        )
     if idx.size(1) > context_length:
         raise ValueError(
             f"the prompt has {idx.size(1)} tokens but the model's context holds "
@@ -231,11 +245,11 @@ def _check_prompt_length(idx: Tensor, context_length: int) -> None:
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise a one-line ValueError for a sampling setting ``generate`` cannot use."""
-    if not 0 <= temperature < math.inf:  # NaN too
+    if not is_number(temperature) or not 0 <= temperature < math.inf:  # NaN too
         raise ValueError(
-            f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}"
+            f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}"
         )
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None (no limit), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None (no limit), got {top_p}")
+    if top_k is not None and (not is_whole_number(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be a whole number >= 1 or None (no limit), got {top_k!r}")
+    if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] or None (no limit), got {top_p!r}")

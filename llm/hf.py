@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm.model import GPTConfig
+from llm.model import GPTConfig, check_token_id
 
 # Each block's weights: (our name, GPT-2's name, whether GPT-2 stores it transposed).
 BLOCK_WEIGHTS: list[tuple[str, str, bool]] = [
@@ -69,6 +69,7 @@ def to_hf_config(config: GPTConfig, eot_token: int | None = None) -> dict[str, A
     """The ``config.json`` of a GPT-2 with ``config``'s sizes; ``eot_token``, if given, becomes
     its begin- and end-of-sequence token. Raises ValueError for options GPT-2 lacks."""
     check_exportable(config)
+    check_token_id(eot_token, config.vocab_size, "eot_token")
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",

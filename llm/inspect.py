@@ -154,9 +154,7 @@ def ladder_figure(inputs: Tensor, tokens: list[str], num_heads: int = 2, seed: i
 def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     """Each token as a readable axis label: control characters escaped as in Python strings,
     a token that ends inside a multi-byte character shown with U+FFFD."""
-    texts = (
-        tokenizer.encoding.decode_single_token_bytes(i).decode("utf-8", "replace") for i in ids
-    )
+    texts = (tokenizer.token_bytes(i).decode("utf-8", "replace") for i in ids)
     # "$" would start matplotlib's math mode.
     return [repr(text)[1:-1].replace("$", r"\$") for text in texts]
 

@@ -27,6 +27,7 @@ from llm.attention import (
     SlidingWindowAttention,
 )
 from llm.loss import IGNORE_INDEX, LinearCrossEntropy, linear_cross_entropy
+from llm.values import is_number, is_positive_integer, is_whole_number
 
 # Embedding and LM-head rows are padded to a multiple of this: matmuls whose sizes are multiples
 # of 64 hit the fast kernel paths on GPUs (50257 -> 50304 is ~25% faster in nanoGPT's runs).
@@ -48,17 +49,16 @@ def own_parameter_name(name: str) -> str:
     return name
 
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _counted(number: int, thing: str) -> str:
     """``1 layer``, ``12 layers``."""
     return f"{number} {thing}{'' if number == 1 else 's'}"
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def check_token_id(token: object, vocab_size: int, name: str) -> None:
+    """Raise a one-line ValueError unless ``token`` is None or a token id in [0, vocab_size)."""
+    is_id = is_whole_number(token) and 0 <= token < vocab_size  # type: ignore[operator]
+    if token is not None and not is_id:
+        raise ValueError(f"{name} must be a token id in [0, {vocab_size}) or None, got {token!r}")
 
 
 def _matmul_dtype(x: Tensor) -> torch.dtype:
@@ -90,17 +90,22 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_positive_integer(value):
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}.")
+        for name in ("bias", "qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):  # "false" would be true
+                raise ValueError(
+                    f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}."
+                )
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}."
             )
-        if not (_is_number(self.dropout) and 0 <= self.dropout < 1):
+        if not (is_number(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         kv = self.n_kv_head
-        if kv is not None and (not _is_positive_int(kv) or self.n_head % kv):
+        if kv is not None and (not is_positive_integer(kv) or self.n_head % kv):
             raise ValueError(
                 f"GPTConfig.n_head ({self.n_head}) must be divisible by n_kv_head ({kv!r}): "
                 "each key/value head serves a group of query heads."
@@ -114,8 +119,10 @@ class GPTConfig:
                 f"GPTConfig.pos_embedding='rope' needs an even head size (n_embd / n_head), "
                 f"got {self.head_size}."
             )
-        if not (_is_number(self.rope_theta) and self.rope_theta > 0):
-            raise ValueError(f"GPTConfig.rope_theta must be positive, got {self.rope_theta!r}.")
+        if not (is_number(self.rope_theta) and 0 < self.rope_theta < math.inf):
+            raise ValueError(
+                f"GPTConfig.rope_theta must be a positive finite number, got {self.rope_theta!r}."
+            )
         window = self.sliding_window
         if isinstance(window, list | tuple):
             if len(window) != self.n_layer:
@@ -123,9 +130,9 @@ class GPTConfig:
                     f"GPTConfig.sliding_window has {len(window)} entries but the model has "
                     f"n_layer={self.n_layer}: give one window (or None) per layer."
                 )
-            bad = [w for w in window if w is not None and not _is_positive_int(w)]
+            bad = [w for w in window if w is not None and not is_positive_integer(w)]
         else:
-            bad = [window] if window is not None and not _is_positive_int(window) else []
+            bad = [window] if window is not None and not is_positive_integer(window) else []
         if bad:
             raise ValueError(
                 f"GPTConfig.sliding_window must be None, a positive integer or a list of them "
@@ -274,6 +281,11 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(
+                f"GPT takes a GPTConfig, got {type(config).__name__}: use "
+                "GPT(GPTConfig.from_preset(name)) or GPT(GPTConfig(**fields))"
+            )
         self.config = config
         self.token_embedding = nn.Embedding(config.padded_vocab_size, config.n_embd)
         # With RoPE, positions are rotations inside the attention: no table to learn.
@@ -314,7 +326,7 @@ class GPT(nn.Module):
         """One empty cache per layer, for ``forward(..., kv_caches=...)``; ``max_length``
         (default ``context_length``) bounds the positions they can hold. A sliding-window
         layer's cache keeps only its window."""
-        max_length = max_length or self.config.context_length
+        max_length = self.config.context_length if max_length is None else max_length
         return [KVCache(max_length, window) for window in self.config.layer_windows]
 
     def forward(
@@ -362,6 +374,11 @@ class GPT(nn.Module):
 
     def _transform(self, idx: Tensor, kv_caches: list[KVCache] | None = None) -> Tensor:
         """Token ids (B, T) -> the last block's output (B, T, C)."""
+        if kv_caches is not None and len(kv_caches) != self.config.n_layer:
+            raise ValueError(
+                f"Give one KV cache per layer ({self.config.n_layer}, from new_kv_caches()), "
+                f"got {len(kv_caches)}."
+            )
         x = self._embed(idx, start=kv_caches[0].length if kv_caches else 0)
         for layer, block in enumerate(self.blocks):
             x, _ = block(x, kv_cache=kv_caches[layer] if kv_caches else None)
@@ -410,10 +427,12 @@ class GPT(nn.Module):
     def _embed(self, idx: Tensor, start: int) -> Tensor:
         """Token plus position embeddings (none with RoPE) for ids (B, T) at positions
         start .. start + T - 1."""
-        if idx.dim() != 2 or idx.size(1) == 0:
+        if not isinstance(idx, Tensor):
+            raise TypeError(f"Token ids must be a tensor (torch.tensor(ids)), got {type(idx)}.")
+        if idx.dim() != 2 or 0 in idx.shape:
             raise ValueError(
-                f"Token ids must have shape (batch, tokens) with at least one token, "
-                f"got {tuple(idx.shape)}."
+                f"Token ids must have shape (batch, tokens) with at least one sequence of at "
+                f"least one token, got {tuple(idx.shape)}."
             )
         if idx.dtype not in (torch.long, torch.int):  # what an embedding lookup takes
             raise ValueError(f"Token ids must be torch.long (call .long()), got {idx.dtype}.")

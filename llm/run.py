@@ -28,6 +28,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import (
+    LSFEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -257,6 +262,13 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
             f"trainer.devices={devices} is for GPUs, but this run is on the CPU: give a number "
             "of processes, e.g. trainer.devices=2"
         )
+    if cfg.trainer.num_nodes > 1 and not started_on_every_node():
+        raise ValueError(
+            f"trainer.num_nodes={cfg.trainer.num_nodes}, but nothing starts the run on the other "
+            "nodes, so it would wait for them forever: launch it on each node with torchrun or "
+            "srun (see the README's 'Several GPUs and nodes'), or set MASTER_ADDR, MASTER_PORT "
+            "and NODE_RANK on each"
+        )
     if cfg.ckpt_path is not None:
         if not Path(cfg.ckpt_path).is_file():
             raise FileNotFoundError(
@@ -276,6 +288,13 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
             cfg.module.warmup_steps,
             cfg.trainer.max_steps,
         )
+
+
+def started_on_every_node() -> bool:
+    """Whether a launcher Lightning knows (torchrun, SLURM, LSF) started this process, or the
+    environment gives this node its rank, as a run started by hand on each node must."""
+    launchers = (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment)
+    return any(env.detect() for env in launchers) or bool({"NODE_RANK", "RANK"} & os.environ.keys())
 
 
 def check_resumable(ckpt_path: Path, cfg: DictConfig) -> None:

@@ -21,7 +21,7 @@ import binascii
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -86,13 +86,38 @@ class Tokenizer:
         """
         # With nothing allowed and nothing disallowed, special-token text is plain text, which
         # is exactly the ordinary encoding.
-        return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        encode = partial(
+            self.encoding.encode_to_numpy, allowed_special=set(), disallowed_special=()
+        )
+        try:
+            return encode(text)
+        except UnicodeEncodeError:
+            # A lone surrogate, which UTF-8 cannot hold: U+FFFD in its place, as ``encode`` does.
+            return encode(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of token ids (a list, numpy array or tensor); invalid UTF-8 becomes U+FFFD."""
         if hasattr(ids, "tolist"):  # numpy arrays and torch tensors
             ids = ids.tolist()
-        return self.encoding.decode(ids)
+        try:
+            return self.encoding.decode(ids)
+        except (KeyError, OverflowError, TypeError):
+            raise self._not_tokens(ids) from None
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token id (a token can end inside a UTF-8 character)."""
+        try:
+            return self.encoding.decode_single_token_bytes(token)
+        except (KeyError, OverflowError, TypeError):
+            raise self._not_tokens([token]) from None
+
+    def _not_tokens(self, ids: Sequence[int]) -> ValueError:
+        """The error for ids that name no token of this tokenizer."""
+        bad = next((i for i in ids if not isinstance(i, int) or not 0 <= i < self.vocab_size), ids)
+        return ValueError(
+            f"{bad!r} is no token id of the {self.name} tokenizer (0 to {self.vocab_size - 1}); "
+            "were the ids made by another tokenizer?"
+        )
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,31 @@ def test_kv_cache_refuses_to_overflow():
         attn(torch.randn(1, 2, 8), kv_cache=cache)
 
 
+def test_inputs_and_settings_the_steps_cannot_use_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="6 tokens do not fit the context_length of 4"):
+        CausalAttention(8, 4, context_length=4, dropout=0.0)(torch.randn(2, 6, 8))
+    with pytest.raises(ValueError, match=r"Inputs must be batched, \(B, T, d_in\), got \(6, 8\)"):
+        MultiHeadAttention(8, 8, 6, 0.0, num_heads=2)(torch.randn(6, 8))
+    with pytest.raises(ValueError, match=r"dropout must be a probability in \[0, 1\), got -1.0"):
+        MultiHeadAttention(8, 8, 6, -1.0, num_heads=2)
+    with pytest.raises(ValueError, match="max_length must be a positive whole number"):
+        KVCache(max_length=-1)
+
+
+@pytest.mark.parametrize(
+    "fused",
+    [
+        MultiHeadAttention(8, 8, 6, 0.0, num_heads=4),  # other head count
+        MultiHeadAttention(8, 8, 6, 0.0, num_heads=2, qkv_bias=True),  # biases the wrapper lacks
+        MultiHeadAttention(8, 4, 6, 0.0, num_heads=2),  # another d_out
+    ],
+)
+def test_copying_between_unlike_modules_is_refused(fused):
+    wrapper = MultiHeadAttentionWrapper(8, 8, 6, 0.0, num_heads=2)
+    with pytest.raises(ValueError, match=r"Cannot copy a wrapper of \(d_in, d_out, heads\)"):
+        copy_wrapper_into_fused(wrapper, fused)
+
+
 @pytest.mark.parametrize("step", ["causal", "wrapper", "fused"])
 def test_dropout_only_acts_in_training(step):
     torch.manual_seed(0)

@@ -319,3 +319,47 @@ def test_a_tokenizer_spec_that_loading_would_refuse_is_not_saved(tmp_path, save,
     with pytest.raises(ValueError, match=r"tokenizer must be a spec such as \{'name': 'gpt2'"):
         save(tiny_model(), tmp_path / "model", tokenizer=spec)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("destination", "problem"),
+    [
+        ("", "'' names no file"),
+        ("folder", r"cannot write the file .*folder: it is a folder"),
+        ("a_file/model.safetensors", r"cannot write in .*a_file \(.*a_file is not a folder\)"),
+    ],
+)
+def test_a_destination_that_cannot_be_a_file_is_refused_in_one_line(
+    tmp_path, monkeypatch, destination, problem
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_text("in the way")
+    with pytest.raises(ValueError, match=f"{problem}: set save_model's path to a file path"):
+        save_model(tiny_model(), destination, BYTES)
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "folder"]
+    assert os.listdir(tmp_path / "folder") == []
+
+
+def test_saves_go_where_the_file_system_finds_their_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model()
+    save_model(model, "out/missing/../model.safetensors", BYTES)  # out/model.safetensors
+    save_hf(model, "hf/missing/../gpt2")  # hf/gpt2
+    assert same_logits(model, load_model("out/model.safetensors")[0])
+    assert same_logits(model, load_model("hf/gpt2")[0])
+    assert os.listdir("out") == ["model.safetensors"] and os.listdir("hf") == ["gpt2"]
+    with pytest.raises(ValueError, match="an empty path is no folder: set save_hf's folder"):
+        save_hf(model, "")
+    with pytest.raises(ValueError, match=r"eot_token must be a token id in \[0, 257\)"):
+        save_hf(model, "hf/other", eot_token=257)
+    assert sorted(os.listdir(tmp_path)) == ["hf", "out"] and os.listdir("hf") == ["gpt2"]
+
+
+def test_checkpoint_readers_take_string_paths_and_refuse_unusable_devices(tmp_path):
+    write_training_checkpoint(tiny_model(), tmp_path / "run.ckpt")
+    assert training_checkpoint_summary(str(tmp_path / "run.ckpt")).step == 7
+    with pytest.raises(FileNotFoundError, match=r"training checkpoint .*nope\.ckpt not found"):
+        training_checkpoint_summary(str(tmp_path / "nope.ckpt"))
+    with pytest.raises(ValueError, match=r"device 'tpu' cannot be used here .*; use 'cpu'"):
+        load_model(tmp_path / "run.ckpt", device="tpu")

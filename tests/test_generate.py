@@ -25,13 +25,14 @@ from llm.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 16
+VOCAB_SIZE = 257  # bytes and the end-of-text token
 
 
 def tiny_model(seed: int = 0, **overrides: object) -> GPT:
     """A random byte-level model with sharp next-token distributions: weights of std 0.3 instead
     of 0.02, so that greedy choices are never near-ties that rounding could flip."""
     torch.manual_seed(seed)
-    fields = dict(vocab_size=257, context_length=CONTEXT, n_layer=2, n_head=2, n_embd=16)
+    fields = dict(vocab_size=VOCAB_SIZE, context_length=CONTEXT, n_layer=2, n_head=2, n_embd=16)
     model = GPT(GPTConfig(**(fields | overrides)))
     with torch.no_grad():
         for parameter in model.parameters():
@@ -201,16 +202,31 @@ def test_generate_runs_in_eval_mode_without_gradients_and_restores_the_mode():
     [
         ({"temperature": -1}, "temperature must be a finite number >= 0"),
         ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
-        ({"top_k": 0}, "top_k must be >= 1"),
-        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
-        ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+        ({"temperature": "0.7"}, "temperature must be a finite number >= 0"),
+        ({"top_k": 0}, "top_k must be a whole number >= 1"),
+        ({"top_k": 2.5}, "top_k must be a whole number >= 1"),
+        ({"top_p": 0.0}, r"top_p must be a number in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\]"),
+        ({"top_p": True}, r"top_p must be a number in \(0, 1\]"),
+        ({"max_new_tokens": -1}, "max_new_tokens must be a whole number >= 0"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number >= 0"),
+        ({"eot_token": VOCAB_SIZE}, rf"eot_token must be a token id in \[0, {VOCAB_SIZE}\)"),
+        ({"eot_token": -1}, r"eot_token must be a token id"),
     ],
 )
 def test_bad_sampling_options_fail_at_the_call(options, message):
     arguments = {"max_new_tokens": 3} | options
     with pytest.raises(ValueError, match=message):
         generate(tiny_model(), prompt(), **arguments)  # no iteration needed
+
+
+def test_float_ids_fail_at_the_call_and_sampling_checks_its_settings():
+    with pytest.raises(ValueError, match=r"the prompt must be token ids, a torch\.long tensor"):
+        generate(tiny_model(), prompt().float(), 3)
+    logits = torch.randn(2, VOCAB_SIZE)
+    for options in ({"temperature": -1.0}, {"top_k": 0}, {"top_p": 0.0}):
+        with pytest.raises(ValueError, match="must be"):
+            sample_next_token(logits, **options)
 
 
 def test_empty_and_too_long_prompts_are_refused():
@@ -221,6 +237,8 @@ def test_empty_and_too_long_prompts_are_refused():
         encode_prompt(tokenizer, "x" * 17, CONTEXT)
     with pytest.raises(ValueError, match="shorten the prompt"):
         generate(tiny_model(), prompt(length=CONTEXT + 1), 1)
+    with pytest.raises(ValueError, match="max_tokens must be a whole number >= 1"):
+        encode_prompt(tokenizer, "xyz", CONTEXT, max_tokens=-1)
 
 
 # --- Text and streaming ---------------------------------------------------------------------
@@ -242,6 +260,17 @@ def test_text_stream_replaces_invalid_bytes_like_the_tokenizer_and_stops_at_end_
     stream = TextStream(tokenizer, [72, 105, tokenizer.eot_token, 33])
     assert "".join(stream) == "Hi"
     assert stream.num_tokens == 2
+    with pytest.raises(ValueError, match="300 is no token id of the bytes tokenizer"):
+        list(TextStream(tokenizer, [72, 300]))
+
+
+def test_generate_text_stops_at_the_end_of_text_token_it_is_given():
+    model, tokenizer = tiny_model(), load_tokenizer("bytes")
+    idx = encode_prompt(tokenizer, "Hello", CONTEXT)
+    new_tokens = generate_tokens(model, idx, 30, temperature=0)[0, idx.size(1) :].tolist()
+    stop = new_tokens[3]  # the fourth token generated greedily becomes the end-of-text token
+    text = generate_text(model, tokenizer, "Hello", 30, temperature=0, eot_token=stop)
+    assert text == tokenizer.decode(new_tokens[: new_tokens.index(stop)])
 
 
 def test_streaming_prints_the_same_text_as_the_non_streaming_path():

@@ -63,11 +63,28 @@ def test_presets_build_and_differ():
         ({"context_length": 2.5}, "context_length must be a positive integer"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+        ({"tie_embeddings": "false"}, "tie_embeddings must be True or False, got 'false'"),
+        ({"bias": 0}, "bias must be True or False, got 0"),
     ],
 )
 def test_bad_configs_raise(overrides, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**{**TINY.to_dict(), **overrides})
+
+
+def test_a_gpt_takes_a_config_and_one_kv_cache_per_layer():
+    with pytest.raises(TypeError, match=r"GPT takes a GPTConfig, got str: use GPT\(GPTConfig"):
+        GPT("gpt-nano")  # type: ignore[arg-type]
+    model = GPT(TINY).eval()
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"one KV cache per layer \(2, from new_kv_caches\(\)\)"):
+        model(idx, kv_caches=model.new_kv_caches()[:1])
+    caches = model.new_kv_caches()
+    model(idx, kv_caches=caches)
+    with pytest.raises(ValueError, match=r"KV cache holds keys of shape .* one cache per layer"):
+        model(torch.zeros(2, 1, dtype=torch.long), kv_caches=caches)  # another batch size
+    with pytest.raises(ValueError, match="max_length must be a positive whole number"):
+        model.new_kv_caches(0)
 
 
 def test_initial_loss_is_uniform_guess():
@@ -280,7 +297,8 @@ def test_targets_outside_vocabulary_raise_but_ignored_ones_pass():
     ("idx", "problem"),
     [
         (torch.rand(1, 4), r"must be torch.long \(call .long\(\)\), got torch.float32"),
-        (torch.zeros(1, 0, dtype=torch.long), r"with at least one token, got \(1, 0\)"),
+        (torch.zeros(1, 0, dtype=torch.long), r"of at least one token, got \(1, 0\)"),
+        (torch.zeros(0, 4, dtype=torch.long), r"at least one sequence .* got \(0, 4\)"),
         (torch.zeros(4, dtype=torch.long), r"must have shape \(batch, tokens\)"),
     ],
 )

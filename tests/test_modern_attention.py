@@ -139,6 +139,13 @@ def test_rope_refuses_positions_past_its_table():
     assert rope(torch.randn(1, 1, 4), start=7).shape == (1, 1, 4)
     with pytest.raises(ValueError, match="RoPE position 8 is past the 8 positions"):
         rope(torch.randn(1, 1, 4), start=8)
+    with pytest.raises(ValueError, match="RoPE positions start at 0 or later, got start=-2"):
+        rope(torch.randn(1, 1, 4), start=-2)
+    for theta in (0.0, -5.0, math.inf):
+        with pytest.raises(ValueError, match="RoPE's theta must be a positive finite number"):
+            RotaryEmbedding(head_dim=4, max_positions=8, theta=theta)
+    with pytest.raises(ValueError, match="window must be a positive whole number of tokens"):
+        SlidingWindowAttention(8, 8, 6, 0.0, 2, window=2.5)
 
 
 def test_rope_rotates_each_pair_by_position_times_its_frequency():
@@ -319,7 +326,8 @@ def test_sliding_window_flops_count_the_window_not_the_context():
         ({"n_kv_head": 0}, "must be divisible by n_kv_head"),
         ({"pos_embedding": "alibi"}, "pos_embedding must be 'learned' or 'rope'"),
         ({"pos_embedding": "rope", "n_head": 8, "n_embd": 24}, "needs an even head size"),
-        ({"rope_theta": 0.0}, "rope_theta must be positive"),
+        ({"rope_theta": 0.0}, "rope_theta must be a positive finite number"),
+        ({"rope_theta": math.inf}, "rope_theta must be a positive finite number"),
         ({"sliding_window": 0}, "sliding_window must be None, a positive integer"),
         ({"sliding_window": [4, -1]}, "got -1"),
         ({"sliding_window": [4]}, "has 1 entries but the model has n_layer=2"),

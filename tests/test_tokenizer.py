@@ -56,7 +56,7 @@ def test_ranks_file_tokenizer(tiny_ranks_file: Path, tiny_tokenizer: Tokenizer) 
 
 
 def test_encode_variants_agree(tiny_tokenizer: Tokenizer) -> None:
-    texts = [TEXT, "the thing\n\n", ""]
+    texts = [TEXT, "the thing\n\n", "", "a lone surrogate: \ud800"]
     ids = [tiny_tokenizer.encode(t) for t in texts]
     assert [tiny_tokenizer.encode_array(t).tolist() for t in texts] == ids
 
@@ -65,6 +65,15 @@ def test_decode_accepts_arrays_and_tensors(tiny_tokenizer: Tokenizer) -> None:
     ids = tiny_tokenizer.encode(TEXT)
     assert tiny_tokenizer.decode(np.array(ids, dtype=np.uint16)) == TEXT
     assert tiny_tokenizer.decode(torch.tensor(ids)) == TEXT
+
+
+@pytest.mark.parametrize("bad_id", [-1, 257, 2.5])
+def test_ids_that_name_no_token_are_refused_in_one_line(bad_id: object) -> None:
+    tok = load_tokenizer("bytes")
+    with pytest.raises(ValueError, match=rf"{bad_id} is no token id of the bytes tokenizer"):
+        tok.decode([65, bad_id])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=rf"{bad_id} is no token id of the bytes tokenizer"):
+        tok.token_bytes(bad_id)  # type: ignore[arg-type]
 
 
 def test_missing_ranks_file(tmp_path: Path) -> None:

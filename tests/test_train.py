@@ -1192,6 +1192,18 @@ def test_files_in_the_way_are_refused_before_any_work(corpus, tmp_path):
             validate(compose_run(tiny_overrides(corpus, tmp_path, override), tmp_path))
 
 
+def test_several_nodes_are_refused_unless_something_starts_every_node(
+    corpus, tmp_path, monkeypatch
+):
+    for launcher_variable in ("NODE_RANK", "RANK", "SLURM_NTASKS", "LSB_JOBID"):
+        monkeypatch.delenv(launcher_variable, raising=False)
+    cfg = compose_run(tiny_overrides(corpus, tmp_path, "trainer.num_nodes=2"), tmp_path)
+    with pytest.raises(ValueError, match="nothing starts the run on the other nodes"):
+        validate(cfg)  # Lightning would wait for the other node forever
+    monkeypatch.setenv("NODE_RANK", "1")  # started by hand on each node
+    validate(cfg)
+
+
 def test_a_warmup_longer_than_the_run_is_warned_of(corpus, tmp_path, caplog):
     validate(compose_run(tiny_overrides(corpus, tmp_path, "module.warmup_steps=6"), tmp_path))
     assert caplog.messages == []  # the last step reaches the peak learning rate
