@@ -26,6 +26,7 @@ from llm.hardware import peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
 from llm.model import GPT, own_parameter_name
 from llm.tokenizer import Tokenizer
+from llm.values import is_positive_integer, is_whole_number
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,10 @@ class TokenThroughputMonitor(L.Callback):
     """
 
     def __init__(self, window_size: int = 5) -> None:
-        if window_size < 2:
+        if not is_whole_number(window_size) or window_size < 2:
             raise ValueError(
-                f"window_size must be at least 2 (a rate needs two readings), got {window_size}"
+                "window_size must be a whole number >= 2 (a rate needs two readings), got "
+                f"{window_size!r}"
             )
         self.window_size = window_size
 
@@ -171,12 +173,15 @@ class InspectionLogger(L.Callback):
         top_k: int | None = 50,
     ) -> None:
         # Checked here, before any training, rather than at the first validation.
-        if not probe_text or not sample_prompt or max_probe_tokens < 1 or sample_tokens < 0:
-            raise ValueError(
-                "needs a probe_text, a sample_prompt, max_probe_tokens >= 1 and sample_tokens "
-                f">= 0; got {probe_text!r}, {sample_prompt!r}, {max_probe_tokens} and "
-                f"{sample_tokens}"
-            )
+        for name, text in (("probe_text", probe_text), ("sample_prompt", sample_prompt)):
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"{name} must be some text, got {text!r}")
+        for name, number, minimum in (
+            ("max_probe_tokens", max_probe_tokens, 1),
+            ("sample_tokens", sample_tokens, 0),
+        ):
+            if not is_whole_number(number) or number < minimum:
+                raise ValueError(f"{name} must be a whole number >= {minimum}, got {number!r}")
         check_sampling(temperature, top_k, top_p=None)
         self.probe_text = probe_text
         self.max_probe_tokens = max_probe_tokens
@@ -276,6 +281,11 @@ class GracefulStop(L.Callback):
     def __init__(self, distributed_check_every: int = 10) -> None:
         # Under DDP every rank must agree to stop, which costs a collective; do it every few
         # steps rather than on every one.
+        if not is_positive_integer(distributed_check_every):
+            raise ValueError(
+                "distributed_check_every must be a positive whole number of steps, got "
+                f"{distributed_check_every!r}"
+            )
         self.distributed_check_every = distributed_check_every
         self.signal_name: str | None = None
         self.checkpoint_path: Path | None = None
@@ -382,6 +392,14 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        keeps_several = self.save_top_k > 1 or self.save_top_k == -1
+        if keeps_several and "{" not in (self.filename or "{") and not self._enable_version_counter:
+            # Each of the best would be saved over the one before: the name would hold the last.
+            raise ValueError(
+                f"save_top_k={self.save_top_k} keeps several checkpoints, but the filename "
+                f"{self.filename!r} names one: keep save_top_k=1, or give a filename that "
+                "differs between them, such as filename='best-{step}'"
+            )
         self.hard_links = True  # until the file system refuses one
 
     def on_train_batch_end(

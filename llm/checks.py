@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, NoReturn
 
@@ -23,13 +24,13 @@ BOOLEAN = (bool,)
 
 
 def positive(value: Any) -> bool:
-    """A test for ``check_values``: above zero."""
-    return value > 0
+    """A test for ``check_values``: above zero, and finite."""
+    return 0 < value < math.inf
 
 
 def non_negative(value: Any) -> bool:
-    """A test for ``check_values``: zero or above."""
-    return value >= 0
+    """A test for ``check_values``: zero or above, and finite."""
+    return 0 <= value < math.inf
 
 
 def check_values(cfg: DictConfig, checks: Iterable[Check]) -> None:

@@ -39,8 +39,9 @@ class _TokenWindows(Dataset[tuple[Tensor, Tensor]]):
         if self.num_tokens < context_length + 1:
             raise DataError(
                 f"the {split} split of {dataset_dir} has {self.num_tokens} tokens, fewer than "
-                f"one window of context_length + 1 = {context_length + 1}: use a larger corpus "
-                f"or a smaller context_length"
+                f"one window of context_length + 1 = {context_length + 1}: use a larger corpus"
+                f"{', a larger data.val_fraction' if split == 'val' else ''} or a smaller "
+                "model.context_length"
             )
         self.tokens = self._open()
 

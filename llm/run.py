@@ -54,6 +54,7 @@ from llm.checks import (
 )
 from llm.data import check_output_folder, check_source
 from llm.errors import Terminated, one_line_errors
+from llm.files import check_folder
 from llm.hardware import has_fast_bf16
 from llm.model import PRESETS, GPTConfig
 from llm.training import COMPILE_MODES, LOGGED_METRICS, check_same_model
@@ -82,6 +83,7 @@ LAUNCHER_ENVIRONMENT = (
 # GracefulStop did not take (the script says "interrupted", or where the stop saved).
 LIGHTNING_NOISE = (
     "litlogger",
+    "litmodels",
     "already configured with model summary callbacks",
     "Detected KeyboardInterrupt",
 )
@@ -182,10 +184,10 @@ CHECKS: list[Check] = [
     ("data.batch_size", INTEGER, positive, "a positive integer"),
     ("data.num_workers", INTEGER, non_negative, "a non-negative integer"),
     ("data.val_fraction", NUMBER, lambda v: 0 < v < 1, "a number between 0 and 1"),
-    ("module.learning_rate", NUMBER, positive, "a positive number"),
-    ("module.min_lr", NUMBER, non_negative, "a non-negative number"),
+    ("module.learning_rate", NUMBER, positive, "a positive finite number"),
+    ("module.min_lr", NUMBER, non_negative, "a non-negative finite number"),
     ("module.warmup_steps", INTEGER, non_negative, "a non-negative integer"),
-    ("module.weight_decay", NUMBER, non_negative, "a non-negative number"),
+    ("module.weight_decay", NUMBER, non_negative, "a non-negative finite number"),
     ("module.check_finite_every", INTEGER, positive, "a positive integer (steps)"),
     (
         "module.betas",
@@ -268,6 +270,12 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
             "nodes, so it would wait for them forever: launch it on each node with torchrun or "
             "srun (see the README's 'Several GPUs and nodes'), or set MASTER_ADDR, MASTER_PORT "
             "and NODE_RANK on each"
+        )
+    if cfg.trainer.precision == "16-true":
+        raise ValueError(
+            "trainer.precision=16-true keeps the weights and AdamW's moments in fp16, where its "
+            "small updates round to 0 or overflow: the loss turns NaN at once. Use 16-mixed or "
+            "bf16-true"
         )
     if cfg.ckpt_path is not None:
         if not Path(cfg.ckpt_path).is_file():
@@ -450,7 +458,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     callbacks and logger. Nothing is prepared or trained yet."""
     validate(cfg)
     quiet_lightning()
-    L.seed_everything(cfg.seed)  # DataLoader workers: seeded by each loader's own generator
+    L.seed_everything(
+        cfg.seed, verbose=False
+    )  # DataLoader workers: seeded by each loader's own generator
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for any fp32 work
 
@@ -468,6 +478,11 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     module = instantiate(
         cfg.module, model=asdict(model_config), tokenizer=tokenizer, _convert_="all"
     )
+    # Lightning would report a file in the way only at the first save, after training, or as
+    # a riddle ("you tried to log -1").
+    for setting in ("logger.save_dir", "callbacks.checkpoint.dirpath"):
+        if (folder := OmegaConf.select(cfg, setting)) is not None:
+            check_folder(folder, setting)
     # ~callbacks leaves them all out, callbacks.<key>=null one of them.
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     for callback in callbacks:

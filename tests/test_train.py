@@ -39,6 +39,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from llm.callbacks import (
     AtomicCheckpointIO,
+    BestAndLastCheckpoint,
     GPTSummary,
     GracefulStop,
     InspectionLogger,
@@ -308,7 +309,9 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
         # Refused by the classes the config builds, named by their config key.
         "+trainer.max_stepz=5": "trainer: Trainer.__init__() got an unexpected keyword argument",
         "trainer.strategy=nope": "trainer: You selected an invalid strategy name: `strategy='n",
-        "callbacks.throughput.window_size=1": "callbacks.throughput: window_size must be at least",
+        "callbacks.throughput.window_size=1": "callbacks.throughput: window_size must be a whole",
+        f"logger.save_dir={a_file}": f"cannot write in {a_file} ({a_file} is not a folder): set "
+        "logger.save_dir",
         "callbacks.throughput._target_=llm.Nothing": "callbacks.throughput: Error locating target",
     }
     run_dirs = [tmp_path / f"run-{number}" for number in range(len(cases))]
@@ -1145,7 +1148,10 @@ def test_a_source_folder_named_by_a_number(corpus, tmp_path, monkeypatch):
         ("module.seed=2**32", "module.seed must be an integer in [0, 2**32), got '2**32'"),
         ("trainer.limit_val_batches=-1", "trainer.limit_val_batches must be null (every batch)"),
         ("trainer.limit_val_batches=1.5", "a number of batches, or a fraction in [0, 1], got 1.5"),
-        ("module.learning_rate=fast", "module.learning_rate must be a positive number"),
+        ("module.learning_rate=fast", "module.learning_rate must be a positive finite number"),
+        ("module.learning_rate=inf", "module.learning_rate must be a positive finite number"),
+        ("module.weight_decay=inf", "module.weight_decay must be a non-negative finite number"),
+        ("trainer.precision=16-true", "trainer.precision=16-true keeps the weights and AdamW's"),
         ("module.compile_mode=fast", "module.compile_mode must be one of default, reduce-overhead"),
         ("module.betas=[0.9]", "module.betas must be two numbers in [0, 1)"),
         ("data.source=null", "data.source is not set: give a text file, a folder or a glob"),
@@ -1360,8 +1366,38 @@ def test_inspection_probes_within_the_context_and_samples_anew_at_each_step():
     assert record.figures == [("attention/layer_0", step) for step in (3, 6, 3)]
     first, other, again = record.texts
     assert first == again and first != other  # the sampler is seeded by the step
-    with pytest.raises(ValueError, match="max_probe_tokens >= 1"):
+    with pytest.raises(ValueError, match="max_probe_tokens must be a whole number >= 1, got 0"):
         InspectionLogger(max_probe_tokens=0)
+
+
+# As configs/callbacks/default.yaml makes the checkpoint callback: one name per kind of file.
+KEPT_AS_CONFIGURED = {"monitor": "val/loss", "enable_version_counter": False}
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: InspectionLogger(probe_text=123), "probe_text must be some text, got 123"),
+        (lambda: InspectionLogger(sample_prompt=""), "sample_prompt must be some text, got ''"),
+        (lambda: InspectionLogger(sample_tokens=2.5), "sample_tokens must be a whole number >= 0"),
+        (lambda: TokenThroughputMonitor(2.5), "window_size must be a whole number >= 2"),
+        (lambda: GracefulStop(0), "distributed_check_every must be a positive whole number"),
+        (
+            lambda: BestAndLastCheckpoint(**KEPT_AS_CONFIGURED, filename="best", save_top_k=3),
+            "save_top_k=3 keeps several checkpoints, but the filename 'best' names one",
+        ),
+    ],
+)
+def test_callback_settings_of_the_wrong_kind_are_refused_when_built(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+def test_several_best_checkpoints_are_kept_under_names_that_differ():
+    several = BestAndLastCheckpoint(**KEPT_AS_CONFIGURED, filename="best-{step}", save_top_k=3)
+    assert several.save_top_k == 3
+    one = BestAndLastCheckpoint(**KEPT_AS_CONFIGURED, filename="best", save_top_k=1)
+    assert one.save_top_k == 1
 
 
 def test_a_diverged_model_is_never_saved():
