@@ -33,7 +33,7 @@ from lightning.fabric.plugins.environments import (
     SLURMEnvironment,
     TorchElasticEnvironment,
 )
-from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, read_write
@@ -498,6 +498,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
         val_check_interval=validation_interval(cfg.trainer),
         callbacks=callbacks,
+        # Without llm's (~callbacks.checkpoint), Lightning would add a checkpoint callback of its
+        # own, saving into the logger's folder.
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         logger=instantiate(cfg.logger) if cfg.get("logger") else False,
         plugins=[AtomicCheckpointIO()],
     )

@@ -871,6 +871,8 @@ def test_a_callback_set_to_null_is_left_out(corpus, tmp_path):
     cfg = compose_run([*overrides, "~callbacks"], run_dir)
     _, _, trainer = build(cfg)
     assert not any(isinstance(c, (GracefulStop, InspectionLogger)) for c in trainer.callbacks)
+    # Lightning adds no checkpoint callback of its own in place of llm's.
+    assert trainer.checkpoint_callback is None
 
 
 @pytest.mark.parametrize(
