@@ -458,9 +458,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     callbacks and logger. Nothing is prepared or trained yet."""
     validate(cfg)
     quiet_lightning()
-    L.seed_everything(
-        cfg.seed, verbose=False
-    )  # DataLoader workers: seeded by each loader's own generator
+    # DataLoader workers are seeded by each loader's own generator. Quiet: a "Seed set" line
+    # would come before the one line of any error below.
+    L.seed_everything(cfg.seed, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for any fp32 work
 
