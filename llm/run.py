@@ -252,14 +252,15 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
     check_source(source)
     if cfg.module.min_lr > cfg.module.learning_rate:
         raise ValueError("module.min_lr must not exceed module.learning_rate.")
-    if accelerator_type(cfg.trainer.accelerator) == "cuda" and not torch.cuda.is_available():
+    runs_on = accelerator_type(cfg.trainer.accelerator)
+    if runs_on == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"trainer.accelerator={cfg.trainer.accelerator} but torch sees no CUDA GPU here; "
             "use trainer=auto or trainer=cpu, or install a CUDA build of torch."
         )
     devices = cfg.trainer.devices
-    on_cpu = accelerator_type(cfg.trainer.accelerator) == "cpu"
-    if on_cpu and not (devices == "auto" or str(devices).isdigit()):  # a count, not GPU ids
+    # On the CPU, a count of processes, not GPU ids.
+    if runs_on == "cpu" and not (devices == "auto" or str(devices).isdigit()):
         raise ValueError(
             f"trainer.devices={devices} is for GPUs, but this run is on the CPU: give a number "
             "of processes, e.g. trainer.devices=2"
