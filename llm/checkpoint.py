@@ -53,6 +53,14 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
     """The model stored at ``path``, in eval mode on ``device``, and its tokenizer spec
     (``load_tokenizer(**spec)`` loads the tokenizer)."""
     _check_device(device)
+    config, state_dict, tokenizer = read_model_file(path)
+    model = model_from_weights(config, state_dict, path)
+    return model.to(device).eval(), tokenizer
+
+
+def read_model_file(path: str | Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
+    """The config, weights and tokenizer spec stored at ``path``, in any format ``load_model``
+    reads, with every weight checked to be finite. No model is built."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model file {path} not found: give {ACCEPTED}")
@@ -69,17 +77,20 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
             config, state_dict, tokenizer = read_training_checkpoint(path)
         else:
             raise ValueError(f"{path} is not a model file llm knows: give {ACCEPTED}")
-    model = model_from_weights(config, state_dict, path)
     # Training stops at the first NaN loss and keeps the last good checkpoint, so weights that
     # are not finite come from a damaged file; sampling from them would fail deep in torch. A
     # sum is NaN or infinite if any value is, and 15x faster than isfinite() (35 ms for GPT-2).
-    broken = [name for name, weight in model.state_dict().items() if not weight.sum().isfinite()]
+    broken = [
+        name
+        for name, weight in state_dict.items()
+        if not weight.sum(dtype=torch.float32).isfinite()
+    ]
     if broken:
         raise ValueError(
             f"{path}: {len(broken)} of the model's weight tensors, such as {broken[0]}, hold NaN "
             "or infinite values; is the file corrupt? Give another model file"
         )
-    return model.to(device).eval(), tokenizer
+    return config, state_dict, tokenizer
 
 
 def _check_device(device: torch.device | str) -> None:

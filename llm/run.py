@@ -3,6 +3,7 @@ datamodule, module, callbacks, logger and trainer, and fit."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -12,7 +13,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,12 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import InterpolationResolutionError
 
 from llm.callbacks import AtomicCheckpointIO, GracefulStop, InspectionLogger
-from llm.checkpoint import training_checkpoint_summary
+from llm.checkpoint import (
+    ACCEPTED,
+    model_from_weights,
+    read_model_file,
+    training_checkpoint_summary,
+)
 from llm.checks import (
     BOOLEAN,
     INTEGER,
@@ -56,8 +62,8 @@ from llm.data import check_output_folder, check_source
 from llm.errors import Terminated, one_line_errors
 from llm.files import check_folder
 from llm.hardware import has_fast_bf16
-from llm.model import PRESETS, GPTConfig
-from llm.training import COMPILE_MODES, LOGGED_METRICS, check_same_model
+from llm.model import GPT, PRESETS, GPTConfig
+from llm.training import COMPILE_MODES, LOGGED_METRICS, check_same_model, config_differences
 
 log = logging.getLogger(__name__)
 RESUMABLE = "a last.ckpt or best.ckpt written by scripts/train.py"
@@ -287,6 +293,9 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
         # in one line rather than in Lightning, and before any data is prepared. The vocabulary
         # is the tokenizer's, checked once it is loaded.
         check_resumable(Path(cfg.ckpt_path), cfg)
+    elif cfg.init_from is not None and not Path(str(cfg.init_from)).exists():
+        # Read in build, once: a sweep checks every job's config before the first one starts.
+        raise FileNotFoundError(f"init_from={cfg.init_from} not found: give {ACCEPTED}")
     if cfg.data.get("data_dir") is not None:  # fail now, not after the trainer is built
         check_output_folder(source, cfg.data.data_dir, "data.data_dir")
     # Allowed, but rarely what was meant; warned of only once nothing is refused.
@@ -330,18 +339,56 @@ def check_resumable(ckpt_path: Path, cfg: DictConfig) -> None:
             f"this run would take {accumulate} a step; resume with "
             f"trainer.accumulate_grad_batches={saved.batches // saved.step}"
         )
-    tokenizer = saved.tokenizer
-    if tokenizer["name"] != cfg.tokenizer.name:
-        saved_path = tokenizer.get("path")
-        resume_with = f"tokenizer.name={tokenizer['name']}"
-        if saved_path != cfg.tokenizer.get("path"):
-            resume_with += f" tokenizer.path={hydra_value(saved_path) if saved_path else 'null'}"
-        raise ValueError(
-            f"ckpt_path={ckpt_path} was trained with the tokenizer {tokenizer['name']!r}, "
-            f"this run uses {cfg.tokenizer.name!r}; resume with {resume_with}"
-        )
+    check_same_tokenizer(f"ckpt_path={ckpt_path}", saved.tokenizer, cfg.tokenizer, "resume")
     current = {**OmegaConf.to_container(cfg.model), "vocab_size": saved.config.vocab_size}
     check_same_model(saved.config.to_dict(), current)
+
+
+def check_same_tokenizer(
+    setting: str, saved: dict[str, Any], tokenizer: DictConfig, action: str
+) -> None:
+    """Refuse a run whose tokenizer is not the one the model ``setting`` names was trained
+    with (``saved``), naming that one's settings: "{action} with tokenizer.name=..."."""
+    if saved["name"] == tokenizer.name:
+        return
+    fix = f"tokenizer.name={saved['name']}"
+    if (saved_path := saved.get("path")) != tokenizer.get("path"):
+        fix += f" tokenizer.path={hydra_value(saved_path) if saved_path else 'null'}"
+    raise ValueError(
+        f"{setting} was trained with the tokenizer {saved['name']!r}, this run uses "
+        f"{tokenizer.name!r}; {action} with {fix}"
+    )
+
+
+def start_from_weights(model: GPT, init_from: str, tokenizer: DictConfig) -> None:
+    """Give ``model`` the weights stored at ``init_from`` (any file ``load_model`` reads), to
+    train on from them: fine-tuning. They must be of the same model settings and tokenizer,
+    but for ``dropout``, a training setting, and a ``context_length`` no longer than a learned
+    position table's (a shorter one keeps its first rows)."""
+    saved, weights, saved_tokenizer = read_model_file(init_from)
+    check_same_tokenizer(f"init_from={init_from}", saved_tokenizer, tokenizer, "train")
+    wanted = model.config
+    shape = replace(saved, dropout=wanted.dropout, context_length=wanted.context_length)
+    if differences := config_differences(shape.to_dict(), wanted.to_dict(), "in init_from's model"):
+        # The preset of the same shape, with this run's vocabulary, context and dropout.
+        alike = {key: getattr(shape, key) for key in ("vocab_size", "context_length", "dropout")}
+        same_shape = (name for name, p in PRESETS.items() if replace(p, **alike) == shape)
+        preset = next(same_shape, None)
+        fix = f"model={preset}" if preset else "the model settings it was saved with"
+        raise ValueError(
+            f"init_from={init_from} holds another model ({differences}); train it with {fix}"
+        )
+    if wanted.pos_embedding == "learned":
+        if wanted.context_length > saved.context_length:
+            raise ValueError(
+                f"model.context_length={wanted.context_length} is longer than the "
+                f"{saved.context_length} positions init_from={init_from} has learned: give "
+                f"model.context_length={saved.context_length} or less"
+            )
+        if (positions := weights.get("position_embedding.weight")) is not None:
+            weights["position_embedding.weight"] = positions[: wanted.context_length]  # (T, C)
+    model.load_state_dict(model_from_weights(shape, weights, init_from).state_dict())
+    rank_zero_only(log.info)("starting from the weights in %s", init_from)
 
 
 class RefuseEarlierRun(Callback):
@@ -479,6 +526,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     module = instantiate(
         cfg.module, model=asdict(model_config), tokenizer=tokenizer, _convert_="all"
     )
+    if cfg.init_from is not None and cfg.ckpt_path is None:  # a resume restores its own weights
+        start_from_weights(module.model, str(cfg.init_from), cfg.tokenizer)
     # Lightning would report a file in the way only at the first save, after training, or as
     # a riddle ("you tried to log -1").
     for setting in ("logger.save_dir", "callbacks.checkpoint.dirpath"):
@@ -634,7 +683,7 @@ def sweep_job_launches_its_own_ranks() -> Iterator[None]:
     try:
         yield
         if launched_ranks():
-            torch.distributed.destroy_process_group()
+            destroy_process_group()
     except Exception:
         if not launched_ranks():
             raise
@@ -654,10 +703,21 @@ def sweep_job_launches_its_own_ranks() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def destroy_process_group() -> None:
+    """Destroy this process's process group (DDP, FSDP), if it has one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def train(cfg: DictConfig) -> GracefulStop | None:
     """Build everything from ``cfg`` and fit. Returns the graceful-stop callback, which says
     whether a signal ended training and where its checkpoint went."""
     trainer: L.Trainer | None = None
+    # Lightning leaves the process group to the end of the process, and Gloo's worker threads
+    # can then abort it (SIGABRT) while the interpreter is torn down: a rank of a CPU run, seen
+    # on 2 busy cores. Destroyed at exit instead, while the interpreter still runs (once).
+    atexit.unregister(destroy_process_group)
+    atexit.register(destroy_process_group)
 
     def made_before_training() -> set[str]:  # the logger's folder, until a step has run
         root = getattr(trainer.logger, "root_dir", None) if trainer else None

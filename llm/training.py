@@ -25,18 +25,25 @@ LOGGED_METRICS = ("val/loss", "val/perplexity", "hp_metric", "train/loss", "trai
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def check_same_model(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Raise a one-line ValueError naming each ``GPTConfig`` field in which a checkpoint's model
-    (``saved``) differs from the one being trained (``current``)."""
+def config_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], saved_as: str = "in the checkpoint"
+) -> str:
+    """The ``GPTConfig`` fields in which a saved model (``saved``) differs from the one being
+    trained (``current``), as ``"n_layer: 2 in the checkpoint, 3 now, ..."``; "" if none."""
     # Fields added to GPTConfig later are missing from older checkpoints: their defaults.
     defaults = {field.name: field.default for field in fields(GPTConfig)}
     saved, current = {**defaults, **saved}, {**defaults, **current}
-    differences = ", ".join(
-        f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
+    return ", ".join(
+        f"{key}: {saved.get(key)!r} {saved_as}, {current.get(key)!r} now"
         for key in sorted(set(saved) | set(current))
         if saved.get(key) != current.get(key)
     )
-    if differences:
+
+
+def check_same_model(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raise a one-line ValueError naming each ``GPTConfig`` field in which a checkpoint's model
+    (``saved``) differs from the one being trained (``current``)."""
+    if differences := config_differences(saved, current):
         raise ValueError(
             f"The checkpoint was trained with another model config ({differences}); "
             "resume with the same model settings or start a new run."

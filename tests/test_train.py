@@ -47,6 +47,7 @@ from llm.callbacks import (
     TokenThroughputMonitor,
     whole_model_on_rank_zero,
 )
+from llm.checkpoint import load_model, save_hf, save_model
 from llm.data import DataError
 from llm.datamodule import TokenDataModule
 from llm.errors import composition_error, one_line_errors, refused_config
@@ -843,6 +844,88 @@ def test_a_resume_with_another_batch_size_goes_on_at_the_next_sample(corpus, tmp
     resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     # From sample 48, not from 6 steps of 4 samples (24, the same samples again).
     assert resumed["TokenDataModule"] == {"samples_used": 48 + 2 * 4}
+
+
+def test_init_from_starts_training_from_the_weights_of_any_model_file(corpus, tmp_path):
+    """Fine-tuning: a new run (fresh optimizer, schedule and step) from saved weights, with
+    its own dropout and a shorter context, which keeps the first rows of the position table."""
+    first = tmp_path / "first"
+    train_tiny(corpus, first)  # 6 steps, context 32
+    checkpoint = first / "checkpoints" / "last.ckpt"
+    model, tokenizer = load_model(checkpoint)
+    save_model(model, tmp_path / "model.safetensors", tokenizer)
+    save_hf(model, tmp_path / "hf", eot_token=256, tokenizer=tokenizer)
+    saved = model.state_dict()
+    for source in (checkpoint, tmp_path / "model.safetensors", tmp_path / "hf"):
+        shorter = ("model.context_length=16", "model.dropout=0.1")
+        cfg = compose_run(
+            tiny_overrides(corpus, tmp_path, f"init_from={source}", *shorter), tmp_path
+        )
+        _, module, _ = build(cfg)
+        assert module.model.config.dropout == 0.1
+        for name, weight in module.model.state_dict().items():
+            expected = saved[name][:16] if name == "position_embedding.weight" else saved[name]
+            if name in ("token_embedding.weight", "lm_head.weight"):  # GPT-2 folders: no padding
+                weight, expected = weight[:257], expected[:257]
+            assert torch.equal(weight, expected), (source, name)
+    # Three steps on from the six-step model beat three steps from scratch.
+    train_tiny(corpus, tmp_path / "tuned", f"init_from={checkpoint}", "trainer.max_steps=3")
+    tuned = torch.load(tmp_path / "tuned" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert tuned["global_step"] == 3
+    from_scratch = events_of(first).Scalars("val/loss")[0]  # at its step 3
+    assert last_scalar(tmp_path / "tuned", "val/loss").value < from_scratch.value
+    # A resume takes its weights from its checkpoint: init_from, which the resume command
+    # repeats, is not read again (here it is gone).
+    resume = ("init_from=gone.ckpt", "trainer.max_steps=8", f"ckpt_path={checkpoint}")
+    build(compose_run(tiny_overrides(corpus, tmp_path / "resumed", *resume), tmp_path / "resumed"))
+
+
+def test_init_from_weights_that_do_not_fit_the_run_fails_clearly(corpus, tmp_path, tiny_ranks_file):
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, context_length=32, vocab_size=257))
+    weights = tmp_path / "model.safetensors"
+    save_model(model, weights, {"name": "bytes", "path": None})
+    nano = tmp_path / "nano.safetensors"
+    save_model(
+        GPT(GPTConfig.from_preset("gpt-nano", vocab_size=257)),
+        nano,
+        {"name": "bytes", "path": None},
+    )
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    ranks = ("tokenizer.name=tiny", f"tokenizer.path={tiny_ranks_file}")
+    for overrides, error, message in (
+        (
+            (f"init_from={weights}", "model.n_layer=3"),
+            ValueError,
+            r"holds another model \(n_layer: 2 in init_from's model, 3 now\); train it with the "
+            "model settings it was saved with$",
+        ),
+        (
+            (f"init_from={nano}",),
+            ValueError,
+            r"n_layer: 3 in init_from's model, 2 now\); train it with model=gpt-nano$",
+        ),
+        (
+            (f"init_from={weights}", "model.context_length=64"),
+            ValueError,
+            r"model.context_length=64 is longer than the 32 positions init_from=.* has learned: "
+            r"give model.context_length=32 or less$",
+        ),
+        (
+            (f"init_from={weights}", *ranks),
+            ValueError,
+            r"was trained with the tokenizer 'bytes', this run uses 'tiny'; train with "
+            r"tokenizer\.name=bytes tokenizer\.path=null$",
+        ),
+        ((f"init_from={text}",), ValueError, "is not a model file llm knows"),
+        (
+            (f"init_from={tmp_path / 'missing'}",),
+            FileNotFoundError,
+            r"init_from=.*missing not found",
+        ),
+    ):
+        with pytest.raises(error, match=message):
+            build(compose_run(tiny_overrides(corpus, tmp_path, *overrides), tmp_path))
 
 
 @pytest.mark.slow
