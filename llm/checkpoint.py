@@ -58,23 +58,29 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
     return model.to(device).eval(), tokenizer
 
 
-def read_model_file(path: str | Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
+def read_model_file(
+    path: str | Path, weights: bool = True
+) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
     """The config, weights and tokenizer spec stored at ``path``, in any format ``load_model``
-    reads, with every weight checked to be finite. No model is built."""
+    reads, with every weight checked to be finite. No model is built. Without ``weights``, the
+    weights are left unread (an empty dict): a quick look at what the file holds."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model file {path} not found: give {ACCEPTED}")
     if path.is_dir():
-        config, state_dict, tokenizer = _read_hf_folder(path)
+        config, state_dict, tokenizer = _read_hf_folder(path, weights)
     else:
         with path.open("rb") as file:
             head = file.read(9)
         # safetensors: an 8-byte header length, then a JSON header. Checked first: the length
         # can start with the byte that starts a pickle. Byte 8 is never "{" in torch's formats.
         if head[8:9] == b"{":
-            config, state_dict, tokenizer = _read_safetensors(path)
-        elif head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+            config, state_dict, tokenizer = _read_safetensors(path, weights)
+        elif head.startswith((ZIP_MAGIC, PICKLE_MAGIC)) and weights:
             config, state_dict, tokenizer = read_training_checkpoint(path)
+        elif head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):  # the summary maps, reads no tensor
+            summary = training_checkpoint_summary(path)
+            config, state_dict, tokenizer = summary.config, {}, summary.tokenizer
         else:
             raise ValueError(f"{path} is not a model file llm knows: give {ACCEPTED}")
     # Training stops at the first NaN loss and keeps the last good checkpoint, so weights that
@@ -118,19 +124,25 @@ def load_model_and_tokenizer(
     if tokenizer_path is not None:
         spec = {**spec, "path": tokenizer_path}
     tokenizer = load_tokenizer(**spec, options=tokenizer_options)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        # A Hugging Face folder that names no tokenizer is taken to use GPT-2's.
-        where = (
-            f' (in its config.json as "{HF_TOKENIZER_KEY}": {{"name": ..., "path": ...}})'
-            if Path(path).is_dir()
-            else ""
-        )
-        raise ValueError(
-            f"{path}: the model has a vocabulary of {model.config.vocab_size} tokens, but its "
-            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size}; name the tokenizer the "
-            f"model was trained with{where}"
-        )
+    check_vocabulary(path, model.config.vocab_size, tokenizer, "name the tokenizer")
     return model, tokenizer
+
+
+def check_vocabulary(path: str | Path, vocab_size: int, tokenizer: Tokenizer, fix: str) -> None:
+    """Refuse ``tokenizer`` for the model stored at ``path`` unless it has the model's
+    ``vocab_size``; the error goes on "``fix`` the model was trained with"."""
+    if tokenizer.vocab_size == vocab_size:
+        return
+    # A Hugging Face folder that names no tokenizer is taken to use GPT-2's.
+    where = (
+        f' (in its config.json as "{HF_TOKENIZER_KEY}": {{"name": ..., "path": ...}})'
+        if Path(path).is_dir()
+        else ""
+    )
+    raise ValueError(
+        f"{path}: the model has a vocabulary of {vocab_size} tokens, but the tokenizer "
+        f"{tokenizer.name!r} has {tokenizer.vocab_size}; {fix} the model was trained with{where}"
+    )
 
 
 def save_model(model: GPT, path: str | Path, tokenizer: dict[str, Any]) -> None:
@@ -275,12 +287,15 @@ def _load_training_checkpoint(path: Path, wanted: str) -> dict[str, Any]:
     return checkpoint
 
 
-def _read_safetensors(path: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
+def _read_safetensors(
+    path: Path, weights: bool
+) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
     try:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata() or {}
             # safe_open has keys() but cannot be iterated: `for name in file` would fail.
-            state_dict = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+            names = file.keys() if weights else []
+            state_dict = {name: file.get_tensor(name) for name in names}
     except (SafetensorError, OSError) as err:
         raise ValueError(
             f"{path} is not a readable safetensors file ({err}); is it corrupt?"
@@ -297,7 +312,9 @@ def _read_safetensors(path: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[st
     return _config(fields, path), state_dict, _tokenizer_spec(tokenizer, path)
 
 
-def _read_hf_folder(folder: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
+def _read_hf_folder(
+    folder: Path, weights: bool
+) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
     config_file, weights_file = folder / "config.json", folder / "model.safetensors"
     if not config_file.is_file() or not weights_file.is_file():
         raise ValueError(
@@ -305,7 +322,7 @@ def _read_hf_folder(folder: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[st
         )
     try:
         hf_config = json.loads(config_file.read_text())
-        hf_state = load_file(weights_file)
+        hf_state = load_file(weights_file) if weights else {}
     except (json.JSONDecodeError, SafetensorError, OSError) as err:
         raise ValueError(
             f"{folder} holds an unreadable GPT-2 model ({err}); is it corrupt?"
@@ -314,7 +331,7 @@ def _read_hf_folder(folder: Path) -> tuple[GPTConfig, dict[str, Tensor], dict[st
         raise ValueError(f"{config_file} holds no GPT-2 config (a JSON object); is it corrupt?")
     try:
         config = from_hf_config(hf_config)
-        state_dict = from_hf_state_dict(hf_state, config)
+        state_dict = from_hf_state_dict(hf_state, config) if weights else {}
     except ValueError as err:
         raise ValueError(f"{folder}: {err}") from None
     tokenizer = hf_config.get(HF_TOKENIZER_KEY, GPT2_TOKENIZER)  # GPT-2's, unless llm saved one

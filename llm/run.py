@@ -43,6 +43,7 @@ from omegaconf.errors import InterpolationResolutionError
 from llm.callbacks import AtomicCheckpointIO, GracefulStop, InspectionLogger
 from llm.checkpoint import (
     ACCEPTED,
+    check_vocabulary,
     model_from_weights,
     read_model_file,
     training_checkpoint_summary,
@@ -59,11 +60,18 @@ from llm.checks import (
     positive,
 )
 from llm.data import check_output_folder, check_source
-from llm.errors import Terminated, one_line_errors
+from llm.errors import Terminated, one_line_errors, quoting_fix
 from llm.files import check_folder
 from llm.hardware import has_fast_bf16
 from llm.model import GPT, PRESETS, GPTConfig
-from llm.training import COMPILE_MODES, LOGGED_METRICS, check_same_model, config_differences
+from llm.tokenizer import Tokenizer
+from llm.training import (
+    COMPILE_MODES,
+    LOGGED_METRICS,
+    check_same_model,
+    config_differences,
+    described,
+)
 
 log = logging.getLogger(__name__)
 RESUMABLE = "a last.ckpt or best.ckpt written by scripts/train.py"
@@ -293,9 +301,8 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
         # in one line rather than in Lightning, and before any data is prepared. The vocabulary
         # is the tokenizer's, checked once it is loaded.
         check_resumable(Path(cfg.ckpt_path), cfg)
-    elif cfg.init_from is not None and not Path(str(cfg.init_from)).exists():
-        # Read in build, once: a sweep checks every job's config before the first one starts.
-        raise FileNotFoundError(f"init_from={cfg.init_from} not found: give {ACCEPTED}")
+    elif cfg.init_from is not None:  # ignored by a resume, which restores its own weights
+        check_initial_weights(cfg)
     if cfg.data.get("data_dir") is not None:  # fail now, not after the trainer is built
         check_output_folder(source, cfg.data.data_dir, "data.data_dir")
     # Allowed, but rarely what was meant; warned of only once nothing is refused.
@@ -360,33 +367,61 @@ def check_same_tokenizer(
     )
 
 
-def start_from_weights(model: GPT, init_from: str, tokenizer: DictConfig) -> None:
-    """Give ``model`` the weights stored at ``init_from`` (any file ``load_model`` reads), to
-    train on from them: fine-tuning. They must be of the same model settings and tokenizer,
-    but for ``dropout``, a training setting, and a ``context_length`` no longer than a learned
-    position table's (a shorter one keeps its first rows)."""
-    saved, weights, saved_tokenizer = read_model_file(init_from)
-    check_same_tokenizer(f"init_from={init_from}", saved_tokenizer, tokenizer, "train")
-    wanted = model.config
-    shape = replace(saved, dropout=wanted.dropout, context_length=wanted.context_length)
-    if differences := config_differences(shape.to_dict(), wanted.to_dict(), "in init_from's model"):
-        # The preset of the same shape, with this run's vocabulary, context and dropout.
-        alike = {key: getattr(shape, key) for key in ("vocab_size", "context_length", "dropout")}
-        same_shape = (name for name, p in PRESETS.items() if replace(p, **alike) == shape)
-        preset = next(same_shape, None)
-        fix = f"model={preset}" if preset else "the model settings it was saved with"
-        raise ValueError(
-            f"init_from={init_from} holds another model ({differences}); train it with {fix}"
+def check_initial_weights(cfg: DictConfig) -> None:
+    """Refuse weights at ``init_from`` that this run could not start from: a file that is no
+    model, another tokenizer, other model settings (but ``dropout``), or a ``context_length``
+    longer than a learned position table's. Only the file's config is read, not its weights;
+    the vocabulary is the tokenizer's, checked once it is loaded (``start_from_weights``)."""
+    init_from = str(cfg.init_from)  # a file named 2024 comes from the command line as a number
+    if not init_from:
+        raise ValueError(f"init_from is empty: give {ACCEPTED}, or null to start afresh")
+    if not Path(init_from).exists():
+        # 1e3 comes as 1000.0: the name Hydra read as a number is not the one given.
+        hint = (
+            ""
+            if isinstance(cfg.init_from, str)
+            else f"; for a name like a number, {quoting_fix('init_from')}"
         )
-    if wanted.pos_embedding == "learned":
-        if wanted.context_length > saved.context_length:
-            raise ValueError(
-                f"model.context_length={wanted.context_length} is longer than the "
-                f"{saved.context_length} positions init_from={init_from} has learned: give "
-                f"model.context_length={saved.context_length} or less"
-            )
-        if (positions := weights.get("position_embedding.weight")) is not None:
-            weights["position_embedding.weight"] = positions[: wanted.context_length]  # (T, C)
+        raise FileNotFoundError(f"init_from={init_from} not found: give {ACCEPTED}{hint}")
+    saved, _, tokenizer = read_model_file(init_from, weights=False)
+    check_same_tokenizer(f"init_from={init_from}", tokenizer, cfg.tokenizer, "train")
+    wanted = GPTConfig(**{**OmegaConf.to_container(cfg.model), "vocab_size": saved.vocab_size})
+    shape = replace(saved, dropout=wanted.dropout, context_length=wanted.context_length)
+    too_long = saved.pos_embedding == "learned" and wanted.context_length > saved.context_length
+    if differences := config_differences(shape.to_dict(), wanted.to_dict()):
+        fix = " ".join(
+            f"model.{key}={hydra_literal(value)}" for key, (value, _) in differences.items()
+        )
+        fix += f" model.context_length={saved.context_length}" if too_long else ""
+        # A preset of that shape, for the reader to recognise (this run may name it already).
+        run_settings = {
+            key: getattr(shape, key) for key in ("vocab_size", "context_length", "dropout")
+        }
+        preset = next((n for n, p in PRESETS.items() if replace(p, **run_settings) == shape), None)
+        found = described(differences, "in init_from's model")
+        raise ValueError(
+            f"init_from={init_from} holds another model ({found}); train it with {fix}"
+            + (f" (the {preset} preset's shape)" if preset else "")
+        )
+    if too_long:
+        raise ValueError(
+            f"model.context_length={wanted.context_length} is longer than the "
+            f"{saved.context_length} positions init_from={init_from} has learned: give "
+            f"model.context_length={saved.context_length} or less"
+        )
+
+
+def start_from_weights(model: GPT, init_from: str, tokenizer: Tokenizer) -> None:
+    """Give ``model`` the weights stored at ``init_from`` (any file ``load_model`` reads), to
+    train on from them: fine-tuning. ``check_initial_weights`` has checked the file's config;
+    here the weights are read, and the run's ``tokenizer`` must have their vocabulary. A
+    shorter ``context_length`` keeps the first rows of a learned position table."""
+    saved, weights, _ = read_model_file(init_from)
+    check_vocabulary(init_from, saved.vocab_size, tokenizer, "train with the tokenizer")
+    wanted = model.config
+    if (positions := weights.get("position_embedding.weight")) is not None:
+        weights["position_embedding.weight"] = positions[: wanted.context_length]  # (T, C)
+    shape = replace(saved, dropout=wanted.dropout, context_length=wanted.context_length)
     model.load_state_dict(model_from_weights(shape, weights, init_from).state_dict())
     rank_zero_only(log.info)("starting from the weights in %s", init_from)
 
@@ -527,7 +562,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         cfg.module, model=asdict(model_config), tokenizer=tokenizer, _convert_="all"
     )
     if cfg.init_from is not None and cfg.ckpt_path is None:  # a resume restores its own weights
-        start_from_weights(module.model, str(cfg.init_from), cfg.tokenizer)
+        start_from_weights(module.model, str(cfg.init_from), datamodule.tokenizer)
     # Lightning would report a file in the way only at the first save, after training, or as
     # a riddle ("you tried to log -1").
     for setting in ("logger.save_dir", "callbacks.checkpoint.dirpath"):
@@ -621,6 +656,15 @@ def hydra_value(value: str) -> str:
     return "'" + value.replace("'", "\\'") + "'"
 
 
+def hydra_literal(value: Any) -> str:
+    """``value`` as an override gives it: ``null``, ``true``, ``[256,null]``, or as text."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(hydra_literal(item) for item in value) + "]"
+    return hydra_value(str(value))
+
+
 def job_command_line() -> list[str]:
     """The command line that runs this run, or this sweep job alone: the script, the config
     options given (``--config-name`` and the like), Hydra's own overrides but a sweep's, and
@@ -683,7 +727,7 @@ def sweep_job_launches_its_own_ranks() -> Iterator[None]:
     try:
         yield
         if launched_ranks():
-            destroy_process_group()
+            torch.distributed.destroy_process_group()
     except Exception:
         if not launched_ranks():
             raise
@@ -703,10 +747,11 @@ def sweep_job_launches_its_own_ranks() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def destroy_process_group() -> None:
-    """Destroy this process's process group (DDP, FSDP), if it has one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def destroy_gloo_process_group() -> None:
+    """Destroy this process's Gloo process group (DDP on CPUs), if it has one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
 
 
 def train(cfg: DictConfig) -> GracefulStop | None:
@@ -715,9 +760,10 @@ def train(cfg: DictConfig) -> GracefulStop | None:
     trainer: L.Trainer | None = None
     # Lightning leaves the process group to the end of the process, and Gloo's worker threads
     # can then abort it (SIGABRT) while the interpreter is torn down: a rank of a CPU run, seen
-    # on 2 busy cores. Destroyed at exit instead, while the interpreter still runs (once).
-    atexit.unregister(destroy_process_group)
-    atexit.register(destroy_process_group)
+    # on 2 busy cores. Destroyed at exit instead, while the interpreter still runs (once). Not
+    # NCCL's: after a failure its destroy could wait on ranks stuck in a collective.
+    atexit.unregister(destroy_gloo_process_group)
+    atexit.register(destroy_gloo_process_group)
 
     def made_before_training() -> set[str]:  # the logger's folder, until a step has run
         root = getattr(trainer.logger, "root_dir", None) if trainer else None

@@ -26,17 +26,24 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def config_differences(
-    saved: Mapping[str, Any], current: Mapping[str, Any], saved_as: str = "in the checkpoint"
-) -> str:
+    saved: Mapping[str, Any], current: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
     """The ``GPTConfig`` fields in which a saved model (``saved``) differs from the one being
-    trained (``current``), as ``"n_layer: 2 in the checkpoint, 3 now, ..."``; "" if none."""
+    trained (``current``): ``{field: (saved value, current value)}``."""
     # Fields added to GPTConfig later are missing from older checkpoints: their defaults.
     defaults = {field.name: field.default for field in fields(GPTConfig)}
     saved, current = {**defaults, **saved}, {**defaults, **current}
-    return ", ".join(
-        f"{key}: {saved.get(key)!r} {saved_as}, {current.get(key)!r} now"
+    return {
+        key: (saved.get(key), current.get(key))
         for key in sorted(set(saved) | set(current))
         if saved.get(key) != current.get(key)
+    }
+
+
+def described(differences: Mapping[str, tuple[Any, Any]], saved_as: str) -> str:
+    """``config_differences`` in words: ``"n_layer: 2 {saved_as}, 3 now, ..."``."""
+    return ", ".join(
+        f"{key}: {old!r} {saved_as}, {new!r} now" for key, (old, new) in differences.items()
     )
 
 
@@ -45,7 +52,8 @@ def check_same_model(saved: Mapping[str, Any], current: Mapping[str, Any]) -> No
     (``saved``) differs from the one being trained (``current``)."""
     if differences := config_differences(saved, current):
         raise ValueError(
-            f"The checkpoint was trained with another model config ({differences}); "
+            f"The checkpoint was trained with another model config "
+            f"({described(differences, 'in the checkpoint')}); "
             "resume with the same model settings or start a new run."
         )
 

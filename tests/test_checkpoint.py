@@ -299,7 +299,7 @@ def test_a_model_and_a_tokenizer_of_other_vocabularies_are_refused(tmp_path):
     model, tokenizer = load_model_and_tokenizer(tmp_path / "model.safetensors")
     assert tokenizer.vocab_size == model.config.vocab_size == 257
     save_model(tiny_model(vocab_size=300), tmp_path / "other.safetensors", BYTES)
-    with pytest.raises(ValueError, match="vocabulary of 300 tokens, but its tokenizer 'bytes' has"):
+    with pytest.raises(ValueError, match="vocabulary of 300 tokens, but the tokenizer 'bytes' has"):
         load_model_and_tokenizer(tmp_path / "other.safetensors")
 
 

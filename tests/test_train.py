@@ -880,52 +880,80 @@ def test_init_from_starts_training_from_the_weights_of_any_model_file(corpus, tm
     build(compose_run(tiny_overrides(corpus, tmp_path / "resumed", *resume), tmp_path / "resumed"))
 
 
-def test_init_from_weights_that_do_not_fit_the_run_fails_clearly(corpus, tmp_path, tiny_ranks_file):
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, context_length=32, vocab_size=257))
-    weights = tmp_path / "model.safetensors"
-    save_model(model, weights, {"name": "bytes", "path": None})
-    nano = tmp_path / "nano.safetensors"
-    save_model(
-        GPT(GPTConfig.from_preset("gpt-nano", vocab_size=257)),
-        nano,
-        {"name": "bytes", "path": None},
-    )
-    text = tmp_path / "notes.txt"
-    text.write_text("not a model")
+def test_init_from_weights_that_do_not_fit_the_run_fail_before_any_work(
+    corpus, tmp_path, tiny_ranks_file, monkeypatch
+):
+    """Checked in validate, from the file's config alone (a sweep checks every job so), but
+    for the vocabulary, which is the tokenizer's: checked when the run builds its model."""
+    tiny = {"n_layer": 2, "n_head": 2, "n_embd": 32, "context_length": 32}
+    bytes_spec = {"name": "bytes", "path": None}
+    files = {
+        "tiny": GPTConfig(**tiny, vocab_size=257),
+        "nano": GPTConfig.from_preset("gpt-nano", vocab_size=257),
+        "wide": GPTConfig(**tiny, vocab_size=300),  # a vocabulary the bytes tokenizer lacks
+        "rope": GPTConfig(**tiny, vocab_size=257, pos_embedding="rope"),
+    }
+    for name, config in files.items():
+        save_model(GPT(config), tmp_path / f"{name}.safetensors", bytes_spec)
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "1e3").write_text("not a model either")
+    monkeypatch.chdir(tmp_path)  # init_from names a file in the folder the run starts in
+
+    def run_with(*overrides: str) -> DictConfig:
+        return compose_run(tiny_overrides(corpus, tmp_path, *overrides), tmp_path)
+
     ranks = ("tokenizer.name=tiny", f"tokenizer.path={tiny_ranks_file}")
     for overrides, error, message in (
         (
-            (f"init_from={weights}", "model.n_layer=3"),
+            ("init_from=tiny.safetensors", "model.n_layer=3"),
             ValueError,
-            r"holds another model \(n_layer: 2 in init_from's model, 3 now\); train it with the "
-            "model settings it was saved with$",
+            r"holds another model \(n_layer: 2 in init_from's model, 3 now\); train it with "
+            r"model\.n_layer=2$",
+        ),
+        (  # the preset this shape is, though this run names it already (and overrides it)
+            ("init_from=nano.safetensors",),
+            ValueError,
+            r"n_layer: 3 in init_from's model, 2 now\); train it with model\.n_embd=48 "
+            r"model\.n_head=3 model\.n_layer=3 \(the gpt-nano preset's shape\)$",
         ),
         (
-            (f"init_from={nano}",),
+            ("init_from=tiny.safetensors", "model.pos_embedding=rope"),
             ValueError,
-            r"n_layer: 3 in init_from's model, 2 now\); train it with model=gpt-nano$",
+            r"pos_embedding: 'learned' in init_from's model, 'rope' now\); train it with "
+            r"model\.pos_embedding=learned$",
         ),
         (
-            (f"init_from={weights}", "model.context_length=64"),
+            ("init_from=tiny.safetensors", "model.context_length=64"),
             ValueError,
             r"model.context_length=64 is longer than the 32 positions init_from=.* has learned: "
             r"give model.context_length=32 or less$",
         ),
         (
-            (f"init_from={weights}", *ranks),
+            ("init_from=tiny.safetensors", *ranks),
             ValueError,
             r"was trained with the tokenizer 'bytes', this run uses 'tiny'; train with "
             r"tokenizer\.name=bytes tokenizer\.path=null$",
         ),
-        ((f"init_from={text}",), ValueError, "is not a model file llm knows"),
-        (
-            (f"init_from={tmp_path / 'missing'}",),
-            FileNotFoundError,
-            r"init_from=.*missing not found",
-        ),
+        (("init_from=notes.txt",), ValueError, "is not a model file llm knows"),
+        (("init_from=missing",), FileNotFoundError, r"^init_from=missing not found: give a "),
+        (("init_from=1e3",), FileNotFoundError, r"init_from=1000.0 not found: .* put it in quotes"),
+        (("init_from=''",), ValueError, r"^init_from is empty: give "),
     ):
         with pytest.raises(error, match=message):
-            build(compose_run(tiny_overrides(corpus, tmp_path, *overrides), tmp_path))
+            validate(run_with(*overrides))
+    with pytest.raises(
+        ValueError,
+        match=r"the model has a vocabulary of 300 tokens, but the tokenizer 'bytes' has 257; "
+        r"train with the tokenizer the model was trained with$",
+    ):
+        build(run_with("init_from=wide.safetensors"))
+    # RoPE learns no positions: any context goes.
+    _, module, _ = build(
+        run_with(
+            "init_from=rope.safetensors", "model.pos_embedding=rope", "model.context_length=64"
+        )
+    )
+    assert module.model.config.context_length == 64
 
 
 @pytest.mark.slow
