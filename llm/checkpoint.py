@@ -124,13 +124,14 @@ def load_model_and_tokenizer(
     if tokenizer_path is not None:
         spec = {**spec, "path": tokenizer_path}
     tokenizer = load_tokenizer(**spec, options=tokenizer_options)
-    check_vocabulary(path, model.config.vocab_size, tokenizer, "name the tokenizer")
+    fix = "name the tokenizer the model was trained with"
+    check_vocabulary(path, model.config.vocab_size, tokenizer, fix)
     return model, tokenizer
 
 
 def check_vocabulary(path: str | Path, vocab_size: int, tokenizer: Tokenizer, fix: str) -> None:
     """Refuse ``tokenizer`` for the model stored at ``path`` unless it has the model's
-    ``vocab_size``; the error goes on "``fix`` the model was trained with"."""
+    ``vocab_size``, with ``fix`` as what to do instead."""
     if tokenizer.vocab_size == vocab_size:
         return
     # A Hugging Face folder that names no tokenizer is taken to use GPT-2's.
@@ -141,7 +142,7 @@ def check_vocabulary(path: str | Path, vocab_size: int, tokenizer: Tokenizer, fi
     )
     raise ValueError(
         f"{path}: the model has a vocabulary of {vocab_size} tokens, but the tokenizer "
-        f"{tokenizer.name!r} has {tokenizer.vocab_size}; {fix} the model was trained with{where}"
+        f"{tokenizer.name!r} has {tokenizer.vocab_size}; {fix}{where}"
     )
 
 

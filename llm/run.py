@@ -359,19 +359,26 @@ def check_same_tokenizer(
     if saved["name"] == tokenizer.name:
         return
     fix = f"tokenizer.name={saved['name']}"
-    if (saved_path := saved.get("path")) != tokenizer.get("path"):
-        fix += f" tokenizer.path={hydra_value(saved_path) if saved_path else 'null'}"
+    if saved.get("path") != tokenizer.get("path"):
+        fix += f" {tokenizer_path_setting(saved)}"
     raise ValueError(
         f"{setting} was trained with the tokenizer {saved['name']!r}, this run uses "
         f"{tokenizer.name!r}; {action} with {fix}"
     )
 
 
+def tokenizer_path_setting(spec: dict[str, Any]) -> str:
+    """The ``tokenizer.path`` override of a tokenizer spec: its ranks file, or null."""
+    path = spec.get("path")
+    return f"tokenizer.path={hydra_value(path) if path else 'null'}"
+
+
 def check_initial_weights(cfg: DictConfig) -> None:
     """Refuse weights at ``init_from`` that this run could not start from: a file that is no
-    model, another tokenizer, other model settings (but ``dropout``), or a ``context_length``
-    longer than a learned position table's. Only the file's config is read, not its weights;
-    the vocabulary is the tokenizer's, checked once it is loaded (``start_from_weights``)."""
+    model, another tokenizer, other model settings (but ``dropout`` and ``context_length``),
+    or a ``context_length`` longer than a learned position table's. Only the file's config is
+    read, not its weights; the vocabulary is the tokenizer's, checked once it is loaded
+    (``start_from_weights``)."""
     init_from = str(cfg.init_from)  # a file named 2024 comes from the command line as a number
     if not init_from:
         raise ValueError(f"init_from is empty: give {ACCEPTED}, or null to start afresh")
@@ -380,7 +387,7 @@ def check_initial_weights(cfg: DictConfig) -> None:
         hint = (
             ""
             if isinstance(cfg.init_from, str)
-            else f"; for a name like a number, {quoting_fix('init_from')}"
+            else f"; for a name like a number or true, {quoting_fix('init_from')}"
         )
         raise FileNotFoundError(f"init_from={init_from} not found: give {ACCEPTED}{hint}")
     saved, _, tokenizer = read_model_file(init_from, weights=False)
@@ -389,8 +396,10 @@ def check_initial_weights(cfg: DictConfig) -> None:
     shape = replace(saved, dropout=wanted.dropout, context_length=wanted.context_length)
     too_long = saved.pos_embedding == "learned" and wanted.context_length > saved.context_length
     if differences := config_differences(shape.to_dict(), wanted.to_dict()):
+        # Quoted for the shell where needed: [256,null] is a glob pattern to zsh.
         fix = " ".join(
-            f"model.{key}={hydra_literal(value)}" for key, (value, _) in differences.items()
+            shlex.quote(f"model.{key}={hydra_literal(value)}")
+            for key, (value, _) in differences.items()
         )
         fix += f" model.context_length={saved.context_length}" if too_long else ""
         # A preset of that shape, for the reader to recognise (this run may name it already).
@@ -416,8 +425,10 @@ def start_from_weights(model: GPT, init_from: str, tokenizer: Tokenizer) -> None
     train on from them: fine-tuning. ``check_initial_weights`` has checked the file's config;
     here the weights are read, and the run's ``tokenizer`` must have their vocabulary. A
     shorter ``context_length`` keeps the first rows of a learned position table."""
-    saved, weights, _ = read_model_file(init_from)
-    check_vocabulary(init_from, saved.vocab_size, tokenizer, "train with the tokenizer")
+    saved, weights, spec = read_model_file(init_from)
+    # Named alike (check_initial_weights), so the ranks file differs.
+    fix = f"train with the tokenizer the model was trained with, {tokenizer_path_setting(spec)}"
+    check_vocabulary(init_from, saved.vocab_size, tokenizer, fix)
     wanted = model.config
     if (positions := weights.get("position_embedding.weight")) is not None:
         weights["position_embedding.weight"] = positions[: wanted.context_length]  # (T, C)
@@ -657,9 +668,12 @@ def hydra_value(value: str) -> str:
 
 
 def hydra_literal(value: Any) -> str:
-    """``value`` as an override gives it: ``null``, ``true``, ``[256,null]``, or as text."""
+    """``value`` as an override gives it: ``null``, ``true``, ``1e+20``, ``[256,null]``, or as
+    text."""
     if value is None or isinstance(value, bool):
         return "null" if value is None else str(value).lower()
+    if isinstance(value, int | float):
+        return str(value)
     if isinstance(value, list | tuple):
         return "[" + ",".join(hydra_literal(item) for item in value) + "]"
     return hydra_value(str(value))
@@ -758,10 +772,10 @@ def train(cfg: DictConfig) -> GracefulStop | None:
     """Build everything from ``cfg`` and fit. Returns the graceful-stop callback, which says
     whether a signal ended training and where its checkpoint went."""
     trainer: L.Trainer | None = None
-    # Lightning leaves the process group to the end of the process, and Gloo's worker threads
-    # can then abort it (SIGABRT) while the interpreter is torn down: a rank of a CPU run, seen
-    # on 2 busy cores. Destroyed at exit instead, while the interpreter still runs (once). Not
-    # NCCL's: after a failure its destroy could wait on ranks stuck in a collective.
+    # Lightning destroys an NCCL process group at exit, but leaves a Gloo one to the end of the
+    # process, where Gloo's worker threads can abort it (SIGABRT) while the interpreter is torn
+    # down: a rank of a CPU run, seen on 2 busy cores. Destroyed at exit too, while the
+    # interpreter still runs (registered once).
     atexit.unregister(destroy_gloo_process_group)
     atexit.register(destroy_gloo_process_group)
 

@@ -892,6 +892,7 @@ def test_init_from_weights_that_do_not_fit_the_run_fail_before_any_work(
         "nano": GPTConfig.from_preset("gpt-nano", vocab_size=257),
         "wide": GPTConfig(**tiny, vocab_size=300),  # a vocabulary the bytes tokenizer lacks
         "rope": GPTConfig(**tiny, vocab_size=257, pos_embedding="rope"),
+        "windowed": GPTConfig(**tiny, vocab_size=257, sliding_window=[8, None]),
     }
     for name, config in files.items():
         save_model(GPT(config), tmp_path / f"{name}.safetensors", bytes_spec)
@@ -922,6 +923,11 @@ def test_init_from_weights_that_do_not_fit_the_run_fail_before_any_work(
             r"pos_embedding: 'learned' in init_from's model, 'rope' now\); train it with "
             r"model\.pos_embedding=learned$",
         ),
+        (  # quoted for the shell, to which [8,null] is a glob pattern
+            ("init_from=windowed.safetensors",),
+            ValueError,
+            r"train it with 'model\.sliding_window=\[8,null\]'$",
+        ),
         (
             ("init_from=tiny.safetensors", "model.context_length=64"),
             ValueError,
@@ -944,7 +950,7 @@ def test_init_from_weights_that_do_not_fit_the_run_fail_before_any_work(
     with pytest.raises(
         ValueError,
         match=r"the model has a vocabulary of 300 tokens, but the tokenizer 'bytes' has 257; "
-        r"train with the tokenizer the model was trained with$",
+        r"train with the tokenizer the model was trained with, tokenizer\.path=null$",
     ):
         build(run_with("init_from=wide.safetensors"))
     # RoPE learns no positions: any context goes.
