@@ -76,11 +76,12 @@ def read_model_file(
         # can start with the byte that starts a pickle. Byte 8 is never "{" in torch's formats.
         if head[8:9] == b"{":
             config, state_dict, tokenizer = _read_safetensors(path, weights)
-        elif head.startswith((ZIP_MAGIC, PICKLE_MAGIC)) and weights:
-            config, state_dict, tokenizer = read_training_checkpoint(path)
-        elif head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):  # the summary maps, reads no tensor
-            summary = training_checkpoint_summary(path)
-            config, state_dict, tokenizer = summary.config, {}, summary.tokenizer
+        elif head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+            if weights:
+                config, state_dict, tokenizer = read_training_checkpoint(path)
+            else:  # the summary maps the file and reads no tensor
+                summary = training_checkpoint_summary(path)
+                config, state_dict, tokenizer = summary.config, {}, summary.tokenizer
         else:
             raise ValueError(f"{path} is not a model file llm knows: give {ACCEPTED}")
     # Training stops at the first NaN loss and keeps the last good checkpoint, so weights that

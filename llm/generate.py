@@ -65,7 +65,8 @@ def generate(
     check_sampling(temperature, top_k, top_p)
     check_token_id(eot_token, model.config.vocab_size, "eot_token")
     _check_prompt(idx, model.config.context_length)
-    sample = lambda logits: sample_next_token(logits, temperature, top_k, top_p, generator)
+    # Checked once above, not again for every token.
+    sample = lambda logits: _sample(logits, temperature, top_k, top_p, generator)
     return _generate(model, idx, max_new_tokens, sample, eot_token, use_cache)
 
 
@@ -126,6 +127,17 @@ def sample_next_token(
 ) -> Tensor:
     """One token id (B,) drawn from next-token logits (B, V), as ``generate`` describes."""
     check_sampling(temperature, top_k, top_p)
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _sample(
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """``sample_next_token`` with settings already checked."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     # Sample in float32 even for a bf16 model: low-precision probabilities round small ones to 0.

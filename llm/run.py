@@ -424,16 +424,15 @@ def start_from_weights(model: GPT, init_from: str, tokenizer: Tokenizer) -> None
     """Give ``model`` the weights stored at ``init_from`` (any file ``load_model`` reads), to
     train on from them: fine-tuning. ``check_initial_weights`` has checked the file's config;
     here the weights are read, and the run's ``tokenizer`` must have their vocabulary. A
-    shorter ``context_length`` keeps the first rows of a learned position table."""
+    shorter ``context_length`` keeps the first rows of a learned position table. Past those
+    checks the file's config is the model's own, but for dropout and the context."""
     saved, weights, spec = read_model_file(init_from)
     # Named alike (check_initial_weights), so the ranks file differs.
     fix = f"train with the tokenizer the model was trained with, {tokenizer_path_setting(spec)}"
     check_vocabulary(init_from, saved.vocab_size, tokenizer, fix)
-    wanted = model.config
     if (positions := weights.get("position_embedding.weight")) is not None:
-        weights["position_embedding.weight"] = positions[: wanted.context_length]  # (T, C)
-    shape = replace(saved, dropout=wanted.dropout, context_length=wanted.context_length)
-    model.load_state_dict(model_from_weights(shape, weights, init_from).state_dict())
+        weights["position_embedding.weight"] = positions[: model.config.context_length]  # (T, C)
+    model.load_state_dict(model_from_weights(model.config, weights, init_from).state_dict())
     rank_zero_only(log.info)("starting from the weights in %s", init_from)
 
 
