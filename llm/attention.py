@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llm.values import is_number, is_positive_integer
+from llm.values import is_positive_finite, is_positive_integer, is_probability_below_one
 
 if TYPE_CHECKING:  # imported where first used: FlexAttention imports torch.compile's machinery
     from torch.nn.attention.flex_attention import BlockMask
@@ -282,6 +282,8 @@ class MultiHeadAttention(nn.Module):
     ``attention_mask`` and ``attend`` (limiting the keys).
     """
 
+    window: int | None = None  # how many positions back a query sees (step 8); None: all
+
     def __init__(
         self,
         d_in: int,
@@ -294,7 +296,7 @@ class MultiHeadAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.head_dim = _head_dim(d_out, num_heads)
-        if not (is_number(dropout) and 0 <= dropout < 1):
+        if not is_probability_below_one(dropout):
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}.")
         self.d_out = d_out
         self.num_heads = num_heads
@@ -314,6 +316,12 @@ class MultiHeadAttention(nn.Module):
         start = 0 if kv_cache is None else kv_cache.length  # position of the first new token
         queries, keys = self.rotate(queries, keys, start)
         if kv_cache is not None:
+            if kv_cache.window is not None and kv_cache.window < (self.window or math.inf):
+                raise ValueError(
+                    f"a KVCache with window={kv_cache.window} drops keys this layer attends to "
+                    f"(window={self.window}): give it the layer's window, as "
+                    "GPT.new_kv_caches() does"
+                )
             keys, values = kv_cache.append(keys, values)  # (B, nkv, S, hs)
         dropout_p = self.dropout if self.training else 0.0
 
@@ -422,7 +430,7 @@ class RotaryEmbedding(nn.Module):
         if head_dim % 2:
             raise ValueError(f"RoPE rotates pairs of dimensions: head size {head_dim} is odd.")
         _check_positive("max_positions", max_positions)
-        if not (is_number(theta) and 0 < theta < math.inf):
+        if not is_positive_finite(theta):
             raise ValueError(f"RoPE's theta must be a positive finite number, got {theta!r}.")
         self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
         self.register_buffer("cos", torch.empty(0), persistent=False)  # (max_positions, hs/2)
@@ -527,6 +535,12 @@ class SlidingWindowAttention(RotaryAttention):
         if use_flex is None:
             use_flex = queries.is_cuda and num_keys >= self.FLEX_MIN_WINDOWS * self.window
         if whole_band and use_flex:
+            needs_gradients = torch.is_grad_enabled() and queries.requires_grad
+            if needs_gradients and not queries.is_cuda:
+                raise ValueError(
+                    "use_flex=True: FlexAttention computes no gradients on a CPU; run the model "
+                    "under torch.no_grad(), or leave use_flex None to train with SDPA"
+                )
             # Outside any torch.compile'd graph (a graph break): traced into the model's graph,
             # torch 2.13's CPU kernel computed wrong outputs for rotated queries/keys. Wrapped
             # here, not at import: torch.compiler.disable imports torch.compile's machinery,

@@ -26,6 +26,7 @@ from llm.hardware import peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
 from llm.model import GPT, own_parameter_name
 from llm.tokenizer import Tokenizer
+from llm.training import optimizer_stepped
 from llm.values import is_positive_integer, is_whole_number
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,8 @@ class TokenThroughputMonitor(L.Callback):
         self._samples += inputs.size(0)
         self._tokens += inputs.numel()
         self._flops_since_reading += getattr(pl_module, "flops_per_batch", None) or 0
-        optimizer_stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         logs = trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
-        if not (optimizer_stepped and logs and trainer.is_global_zero):
+        if not (optimizer_stepped(trainer, batch_idx) and logs and trainer.is_global_zero):
             return
         self.throughput.update(
             time=self._seconds_before + self._elapsed(trainer),
@@ -311,7 +311,7 @@ class GracefulStop(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if not optimizer_stepped(trainer, batch_idx):
             return  # mid-accumulation: gradients are not in any checkpoint
         if trainer.global_step >= trainer.max_steps:
             return  # the run ends here anyway, validated and checkpointed as usual
@@ -393,7 +393,8 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         keeps_several = self.save_top_k > 1 or self.save_top_k == -1
-        if keeps_several and "{" not in (self.filename or "{") and not self._enable_version_counter:
+        fixed_name = self.filename is not None and "{" not in self.filename  # no {metric} in it
+        if keeps_several and fixed_name and not self._enable_version_counter:
             # Each of the best would be saved over the one before: the name would hold the last.
             raise ValueError(
                 f"save_top_k={self.save_top_k} keeps several checkpoints, but the filename "

@@ -200,9 +200,10 @@ def read_training_checkpoint(
     llm's training. Anything else raises a one-line ValueError that names what to give."""
     path = Path(path)
     checkpoint = _load_training_checkpoint(path, ACCEPTED)
-    # The LightningModule holds the GPT as ``self.model`` (a torch.compile'd one as
-    # ``model._orig_mod``). Other entries (a loss module, metrics) are not the model's. The
-    # weights are copied out of the mapped file: the model must not change if the file does.
+    # The LightningModule holds the GPT as ``self.model`` (wrapped under trainer=fsdp; in
+    # checkpoints of versions that compiled the whole GPT, as ``model._orig_mod``). Other
+    # entries are not the model's. The weights are copied out of the mapped file: the model
+    # must not change if the file does.
     state_dict = {
         own_parameter_name(name.removeprefix("model.")): tensor.clone()
         for name, tensor in checkpoint["state_dict"].items()
@@ -411,8 +412,9 @@ def model_from_weights(config: GPTConfig, state_dict: dict[str, Tensor], source:
 
 
 def _weights(model: GPT) -> dict[str, Tensor]:
-    """The model's weights on the CPU, each stored once (safetensors refuses shared tensors)."""
-    state_dict = model.state_dict()
+    """The model's weights on the CPU under the GPT's own names (a torch.compile'd GPT's too),
+    each stored once (safetensors refuses shared tensors)."""
+    state_dict = {own_parameter_name(name): tensor for name, tensor in model.state_dict().items()}
     if model.config.tie_embeddings:
         del state_dict["lm_head.weight"]
     return {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}

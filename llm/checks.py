@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 from omegaconf import DictConfig, OmegaConf
 
 from llm.files import folder_problem
+from llm.values import is_positive_finite
 
 # (config key, the types it may have, a test of its value, what the test asks for in words)
 Check = tuple[str, tuple[type, ...], Callable[[Any], bool], str]
@@ -25,7 +26,7 @@ BOOLEAN = (bool,)
 
 def positive(value: Any) -> bool:
     """A test for ``check_values``: above zero, and finite."""
-    return 0 < value < math.inf
+    return is_positive_finite(value)
 
 
 def non_negative(value: Any) -> bool:
@@ -43,18 +44,43 @@ def check_values(cfg: DictConfig, checks: Iterable[Check]) -> None:
             raise ValueError(f"{key} must be {wanted}, got {value!r}; override it as {key}=...")
 
 
+def setting_like(cfg: DictConfig, key: str) -> str | None:
+    """The setting of ``cfg``, at any depth, whose name is ``key`` or close to it, as a dotted
+    name (``max_steps`` -> ``trainer.max_steps``), other than ``key`` itself; None if none is.
+    Hydra's own settings are left out."""
+    names: list[str] = []
+    nested = [("", OmegaConf.to_container(cfg, resolve=False))]
+    while nested:
+        prefix, settings = nested.pop(0)  # shallowest first
+        for name, value in settings.items():
+            if prefix + str(name) not in ("hydra", key):
+                names.append(prefix + str(name))
+                if isinstance(value, dict):
+                    nested.append((f"{prefix}{name}.", value))
+    last_parts = [name.rsplit(".", 1)[-1] for name in names]
+    close = difflib.get_close_matches(key, last_parts, n=1)
+    return names[last_parts.index(close[0])] if close else None
+
+
 def check_known_keys(cfg: DictConfig, known: Collection[str], prefix: str = "") -> None:
     """Raise a one-line ValueError for a key of ``cfg`` that nothing reads: one added with
-    Hydra's ``+key=value``, which Hydra itself suggests for a key it does not know."""
+    Hydra's ``+key=value``, which Hydra itself suggests for a key it does not know; and for
+    ``cfg`` itself where an override replaced the group with one value (``tokenizer=bytes``).
+    At the top (no ``prefix``), a setting deeper in ``cfg`` may be the one meant."""
+    settings = ", ".join(prefix + key for key in sorted(known))
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(
+            f"{prefix.rstrip('.')} holds settings ({settings}), not one value: override one of "
+            f"them, as {prefix}{min(known)}=..."
+        )
     for key in cfg:
         if key in known:
             continue
         close = difflib.get_close_matches(str(key), known, n=1)
-        hint = (
-            f"did you mean {prefix}{close[0]}?"
-            if close
-            else "the settings are " + ", ".join(prefix + k for k in sorted(known))
-        )
+        meant = prefix + close[0] if close else None
+        if meant is None and not prefix:
+            meant = setting_like(cfg, str(key))
+        hint = f"did you mean {meant}?" if meant else f"the settings are {settings}"
         raise ValueError(f"{prefix}{key} is not a setting, and nothing would read it: {hint}")
 
 

@@ -321,6 +321,11 @@ def prepare(
             num_threads or os.cpu_count() or 1,
             total_chars=sum(f.chars for f in files),
         )
+        if not (counts["train"] and counts["val"]):  # nothing to learn, or to measure it on
+            raise DataError(
+                f"{out_dir}: the text makes {counts['train']} train and {counts['val']} val "
+                f"tokens (val_fraction={val_fraction}): give more text"
+            )
         # Until the new meta.json lands, the old one would wrongly vouch for the new files.
         (out_dir / "meta.json").unlink(missing_ok=True)
     meta = {

@@ -154,7 +154,7 @@ class TokenDataModule(L.LightningDataModule):
     Resuming: every checkpoint holds the samples each rank has used (``state_dict``), and a
     resumed run's loader starts at that sample of each rank, so it continues exactly where the
     checkpoint stopped (see ``TrainWindows``), with another ``batch_size`` or number of ranks
-    too. Without a trainer the loader starts at ``start_sample``.
+    too. Without a trainer the loader starts at ``train_set.start`` (0 unless set).
     """
 
     def __init__(
@@ -168,7 +168,6 @@ class TokenDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 1337,
         val_fraction: float = 0.1,
-        start_sample: int = 0,
     ) -> None:
         super().__init__()
         self.source = str(source)  # a folder named 2024 comes from the command line as a number
@@ -180,7 +179,6 @@ class TokenDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.val_fraction = val_fraction
-        self.start_sample = start_sample
         self.restored_samples: int | None = None  # a resumed run's, from its checkpoint
         self.first_step = 0  # the optimizer step the train loader started at
         self.train_set: TrainWindows | None = None
@@ -214,15 +212,12 @@ class TokenDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Lightning restores the checkpoint (load_state_dict, the step) before it asks for this.
         trainer = self.trainer
-        if self.train_set is not None:
-            self.first_step = trainer.global_step if trainer else 0
+        if self.train_set is not None and trainer:
+            self.first_step = trainer.global_step
             if self.restored_samples is not None:
                 self.train_set.start = self.restored_samples
-            elif trainer:  # a new run, or one resumed from a checkpoint without the count
-                batches = trainer.global_step * trainer.accumulate_grad_batches
-                self.train_set.start = batches * self.batch_size
-            else:
-                self.train_set.start = self.start_sample
+            else:  # a new run, or one resumed from a checkpoint without the count
+                self.train_set.start = self._samples_in(trainer.global_step)
         return self._loader(self.train_set)
 
     def state_dict(self) -> dict[str, int]:
@@ -231,9 +226,12 @@ class TokenDataModule(L.LightningDataModule):
         trainer = self.trainer
         if self.train_set is None or trainer is None:
             return {}
-        steps = trainer.global_step - self.first_step
-        used = steps * trainer.accumulate_grad_batches * self.batch_size
+        used = self._samples_in(trainer.global_step - self.first_step)
         return {"samples_used": self.train_set.start + used}
+
+    def _samples_in(self, steps: int) -> int:
+        """The train samples one rank takes in ``steps`` optimizer steps."""
+        return steps * self.trainer.accumulate_grad_batches * self.batch_size
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.restored_samples = state_dict["samples_used"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import select
 import signal
 import sys
@@ -21,6 +22,8 @@ from hydra.errors import ConfigCompositionException, InstantiationException, Ove
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from llm.checks import setting_like
+
 # Errors that mean bad input: their message says what is wrong and how to fix it. Anything else
 # is a bug and keeps its traceback. See also expected_errors().
 EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, OmegaConfBaseException)
@@ -34,6 +37,10 @@ HYDRA_FIXES = {
         "to leave a config group out, delete it: ~GROUP (e.g. ~logger), not GROUP=null"
     ),
 }
+
+# Hydra reads a comma in an unquoted value as a sweep, which a single run refuses with advice
+# to quote it (key=\'a,b\') that a space in the value breaks.
+AMBIGUOUS_VALUE = re.compile(r"Ambiguous value for argument '[+~]*([^=']+)=")
 
 # Hydra's functions that make the run's output folder and write its config and log there,
 # before the script's own code runs.
@@ -147,10 +154,12 @@ def did_you_mean(error: OmegaConfBaseException) -> str | None:
     if not isinstance(parent, DictConfig) or not isinstance(key, str):
         return None
     close = difflib.get_close_matches(key, [str(k) for k in parent], n=1)
-    if not close:
-        return None
     prefix = str(error.full_key)[: -len(key)]  # "trainer." of "trainer.max_stepz"
-    return f"Did you mean {prefix}{close[0]}?"
+    if close:
+        return f"Did you mean {prefix}{close[0]}?"
+    if not prefix and (deeper := setting_like(parent, key)):  # max_steps: trainer.max_steps
+        return f"Did you mean {deeper}?"
+    return None
 
 
 def quoting_fix(key: str) -> str:
@@ -165,6 +174,13 @@ def composition_error(error: ConfigCompositionException | OverrideParseException
     lines = [line for line in str(error).splitlines() if line.strip()]
     if isinstance(error, OverrideParseException) and error.override not in lines[0]:
         lines.insert(0, f"Could not parse the override '{error.override}'")
+    if ambiguous := AMBIGUOUS_VALUE.match(lines[0]):
+        key = ambiguous.group(1)
+        lines = [
+            lines[0],
+            f"A comma makes a list ({key}=[a,b]) or, with --multirun, a sweep",
+            f"If the value is text, {quoting_fix(key)}",
+        ]
     options = getattr(error, "options", None)  # a group option that does not exist
     if options:  # instead of Hydra's list, one per line, and its search path
         lines = [lines[0], f"Available options: {', '.join(options)}"]
@@ -172,7 +188,9 @@ def composition_error(error: ConfigCompositionException | OverrideParseException
     if isinstance(cause, OmegaConfBaseException):  # OmegaConf's first line says what is wrong
         lines.insert(1, first_line(cause))
         if isinstance(cause, UNKNOWN_KEY_ERRORS) and (close := did_you_mean(cause)):
-            lines.insert(2, close)
+            # Instead of Hydra's "To append to your config use +key=...": a key added with +
+            # that nothing reads is refused (llm.checks.check_known_keys).
+            lines = [*lines[:2], close]
     if isinstance(error, OverrideParseException) and "=" in error.override:
         # Spaces, quotes, brackets, ':' or '=' in a value, or letters outside ASCII, stop
         # Hydra's parser unless the value is quoted.

@@ -18,6 +18,7 @@ T tokens, V vocabulary.
 from __future__ import annotations
 
 import codecs
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from llm.attention import KVCache
-from llm.model import GPT, check_token_id
+from llm.model import GPT, check_token_id, check_token_ids
 from llm.tokenizer import Tokenizer
 from llm.values import is_number, is_whole_number
 
@@ -64,9 +65,11 @@ def generate(
         raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p)
     check_token_id(eot_token, model.config.vocab_size, "eot_token")
-    _check_prompt(idx, model.config.context_length)
+    check_token_ids(idx, model.config.context_length, what="The prompt")
     # Checked once above, not again for every token.
-    sample = lambda logits: _sample(logits, temperature, top_k, top_p, generator)
+    sample = functools.partial(
+        _sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+    )
     return _generate(model, idx, max_new_tokens, sample, eot_token, use_cache)
 
 
@@ -102,7 +105,7 @@ def _generate(
                 next_token = next_token.masked_fill(finished, eot_token)  # finished rows stay
                 finished |= next_token == eot_token
             yield next_token
-            if finished.all():
+            if eot_token is not None and finished.all():  # waits for the device: only if needed
                 return
             window = torch.cat([window, next_token[:, None]], dim=1)
     finally:
@@ -189,7 +192,13 @@ class TextStream:
     def __iter__(self) -> Iterator[str]:
         token_bytes = self.tokenizer.token_bytes
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for token in map(int, self.tokens):
+        for tokens in self.tokens:
+            if isinstance(tokens, Tensor) and tokens.numel() != 1:  # a batch's (B,) tokens
+                raise ValueError(
+                    f"TextStream decodes one sequence, got {tuple(tokens.shape)} tokens at once: "
+                    "generate from one prompt, (1, T), or stream one row's tokens"
+                )
+            token = int(tokens)
             if token == self.tokenizer.eot_token:
                 break
             self.num_tokens += 1
@@ -214,7 +223,7 @@ def encode_prompt(
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     if idx.numel() == 0:
         raise ValueError("the prompt is empty: give some text to continue")
-    _check_prompt(idx, context_length)
+    check_token_ids(idx, context_length, what="The prompt")
     return idx
 
 
@@ -235,24 +244,6 @@ def generate_text(
 
 def _device(model: GPT) -> torch.device:
     return model.token_embedding.weight.device
-
-
-def _check_prompt(idx: Tensor, context_length: int) -> None:
-    if not isinstance(idx, Tensor) or idx.dtype not in (torch.long, torch.int):
-        what = idx.dtype if isinstance(idx, Tensor) else type(idx).__name__
-        raise ValueError(
-            f"the prompt must be token ids, a torch.long tensor (batch, tokens), not {what}"
-        )
-    if idx.dim() != 2 or 0 in idx.shape:
-        shape = tuple(idx.shape)
-        raise ValueError(
-            f"the prompt must be token ids (batch >= 1, tokens >= 1), not of shape {shape}"
-        )
-    if idx.size(1) > context_length:
-        raise ValueError(
-            f"the prompt has {idx.size(1)} tokens but the model's context holds "
-            f"{context_length}: shorten the prompt"
-        )
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -41,6 +41,8 @@ from llm.generate import encode_prompt
 from llm.model import GPT
 from llm.tokenizer import Tokenizer
 
+LADDER_HEADS = 2  # heads of the ladder figure's multi-head steps
+
 # The six-token example of the design notes (tests/test_attention.py uses it too): a 3-d
 # embedding for each token, small enough to read every weight off the ladder's pictures.
 TOY_TOKENS = ["These", "are", "random", "words", "and", "embeddings"]
@@ -84,7 +86,7 @@ def model_attention_figures(
     }
 
 
-def ladder_attention(inputs: Tensor, num_heads: int = 2, seed: int = 0) -> list[tuple[str, Tensor]]:
+def ladder_attention(inputs: Tensor) -> list[tuple[str, Tensor]]:
     """The (T, T) attention weights each ladder step computes for ``inputs`` (T, d_in), titled.
 
     The steps share weights where they can, so that each picture differs from the one before
@@ -96,10 +98,11 @@ def ladder_attention(inputs: Tensor, num_heads: int = 2, seed: int = 0) -> list[
     """
     T, d_in = inputs.shape
     d_head = 2  # small, as in the design notes' example
+    num_heads = LADDER_HEADS
     d_out = d_head * num_heads
     batch = inputs[None]  # (1, T, d_in): the multi-head steps stack heads along dim 1
     with torch.random.fork_rng():  # seeded weights, without touching the global generator
-        torch.manual_seed(seed)
+        torch.manual_seed(0)
         plain = SelfAttention(d_in, d_head)
         causal = CausalAttention(d_in, d_head, context_length=T, dropout=0.0)
         wrapper = MultiHeadAttentionWrapper(d_in, d_out, T, 0.0, num_heads)
@@ -137,7 +140,7 @@ def ladder_attention(inputs: Tensor, num_heads: int = 2, seed: int = 0) -> list[
     return steps
 
 
-def ladder_figure(inputs: Tensor, tokens: list[str], num_heads: int = 2, seed: int = 0) -> Figure:
+def ladder_figure(inputs: Tensor, tokens: list[str]) -> Figure:
     """One figure with a panel per step of the attention ladder (a panel per head for the
     multi-head steps) on the toy input ``inputs`` (T, d_in) labelled by ``tokens``."""
     if inputs.dim() != 2 or inputs.size(0) != len(tokens):
@@ -145,9 +148,10 @@ def ladder_figure(inputs: Tensor, tokens: list[str], num_heads: int = 2, seed: i
             f"the toy input must have shape ({len(tokens)}, d_in) for {len(tokens)} tokens, "
             f"got {tuple(inputs.shape)}"
         )
-    maps = ladder_attention(inputs, num_heads, seed)
-    # Steps 1 to 5 on the first row, the modern steps 6 to 8 on the second.
-    columns = 3 + 2 * num_heads
+    maps = ladder_attention(inputs)
+    # Steps 1 to 5 on the first row (three panels, then one per head for steps 4 and 5), the
+    # modern steps 6 to 8 on the second.
+    columns = 3 + 2 * LADDER_HEADS
     return _maps_figure(maps, tokens, columns=columns, title="The attention ladder")
 
 
@@ -159,11 +163,10 @@ def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     return [repr(text)[1:-1].replace("$", r"\$") for text in texts]
 
 
-def loss_curve_figure(
-    tensorboard_dir: str | Path, tags: tuple[str, ...] = ("train/loss", "val/loss")
-) -> Figure:
+def loss_curve_figure(tensorboard_dir: str | Path) -> Figure:
     """The losses a training run logged to TensorBoard (``<run>/tensorboard``), against step:
-    those of ``tags`` it logged (a run without validation logged no ``val/loss``)."""
+    ``train/loss`` and ``val/loss`` (which a run without validation did not log)."""
+    tags = ("train/loss", "val/loss")
     if not Path(tensorboard_dir).is_dir():
         raise FileNotFoundError(
             f"no TensorBoard logs at {tensorboard_dir}: give a training run's output folder"
@@ -193,10 +196,9 @@ def save_figures(
     figures: dict[str, Figure],
     png_dir: str | Path | None = None,
     tensorboard_dir: str | Path | None = None,
-    prefix: str = "attention",
 ) -> list[Path]:
     """Write each figure to ``png_dir/<name>.png`` and/or to a TensorBoard run in
-    ``tensorboard_dir`` (tag ``prefix/<name>``); returns the PNG paths."""
+    ``tensorboard_dir`` (tag ``attention/<name>``); returns the PNG paths."""
     if png_dir is None and tensorboard_dir is None:
         raise ValueError(
             "nowhere to write the figures: give a PNG folder, a TensorBoard folder, or both"
@@ -216,7 +218,7 @@ def save_figures(
         images = {name: _drawn(figure) for name, figure in figures.items()}
         with SummaryWriter(str(tensorboard_dir)) as writer:
             for name, image in images.items():
-                writer.add_image(f"{prefix}/{name}", image, dataformats="HWC")
+                writer.add_image(f"attention/{name}", image, dataformats="HWC")
     return paths
 
 

@@ -27,7 +27,12 @@ from llm.attention import (
     SlidingWindowAttention,
 )
 from llm.loss import IGNORE_INDEX, LinearCrossEntropy, linear_cross_entropy
-from llm.values import is_number, is_positive_integer, is_whole_number
+from llm.values import (
+    is_positive_finite,
+    is_positive_integer,
+    is_probability_below_one,
+    is_whole_number,
+)
 
 # Embedding and LM-head rows are padded to a multiple of this: matmuls whose sizes are multiples
 # of 64 hit the fast kernel paths on GPUs (50257 -> 50304 is ~25% faster in nanoGPT's runs).
@@ -52,6 +57,28 @@ def own_parameter_name(name: str) -> str:
 def _counted(number: int, thing: str) -> str:
     """``1 layer``, ``12 layers``."""
     return f"{number} {thing}{'' if number == 1 else 's'}"
+
+
+def check_token_ids(
+    idx: object, context_length: int, start: int = 0, what: str = "The sequence"
+) -> None:
+    """Raise a one-line error unless ``idx`` is token ids (B, T), B and T at least 1, that fit
+    positions ``start`` .. ``start + T - 1`` of the context. Only the tensor's description is
+    read, not its values: that would wait on a GPU (``GPT._check_in_vocabulary`` reads them)."""
+    if not isinstance(idx, Tensor):
+        raise TypeError(f"Token ids must be a tensor (torch.tensor(ids)), got {type(idx)}.")
+    if idx.dtype not in (torch.long, torch.int):  # what an embedding lookup takes
+        raise ValueError(f"Token ids must be torch.long (call .long()), got {idx.dtype}.")
+    if idx.dim() != 2 or 0 in idx.shape:
+        raise ValueError(
+            f"Token ids must have shape (batch, tokens) with at least one sequence of at "
+            f"least one token, got {tuple(idx.shape)}."
+        )
+    if start + idx.size(1) > context_length:
+        raise ValueError(
+            f"{what} of {start + idx.size(1)} tokens is longer than the model's context_length "
+            f"({context_length}); crop it to its last {context_length} tokens."
+        )
 
 
 def check_token_id(token: object, vocab_size: int, name: str) -> None:
@@ -102,7 +129,7 @@ class GPTConfig:
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}."
             )
-        if not (is_number(self.dropout) and 0 <= self.dropout < 1):
+        if not is_probability_below_one(self.dropout):
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         kv = self.n_kv_head
         if kv is not None and (not is_positive_integer(kv) or self.n_head % kv):
@@ -119,7 +146,7 @@ class GPTConfig:
                 f"GPTConfig.pos_embedding='rope' needs an even head size (n_embd / n_head), "
                 f"got {self.head_size}."
             )
-        if not (is_number(self.rope_theta) and 0 < self.rope_theta < math.inf):
+        if not is_positive_finite(self.rope_theta):
             raise ValueError(
                 f"GPTConfig.rope_theta must be a positive finite number, got {self.rope_theta!r}."
             )
@@ -254,7 +281,7 @@ def attention_for(config: GPTConfig, layer: int) -> MultiHeadAttention:
 class Block(nn.Module):
     """One transformer block, pre-LayerNorm: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config: GPTConfig, layer: int = 0) -> None:
+    def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = attention_for(config, layer)
@@ -387,9 +414,9 @@ class GPT(nn.Module):
     def head(self, x: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The last block's output (B, T, C) -> logits (B, T, V) and, given targets, the loss.
 
-        With GPT-2's vocabulary the logits are the largest tensor of a training step (most of
-        the step of a 128-wide model on a CPU); ``torch.compile`` fuses the slice, softmax and
-        loss into one pass over them."""
+        For generation and inspection, which want the logits. Training wants only the loss and
+        takes ``head_loss``, which never keeps the whole logits: with GPT-2's vocabulary they
+        are a step's largest tensor."""
         # The padded rows are never real tokens: dropping their logits keeps them out of the
         # softmax, so they are never sampled and never take probability mass in the loss.
         logits = self.lm_head(self.final_norm(x))[..., : self.config.vocab_size]  # (B, T, V)
@@ -427,26 +454,12 @@ class GPT(nn.Module):
     def _embed(self, idx: Tensor, start: int) -> Tensor:
         """Token plus position embeddings (none with RoPE) for ids (B, T) at positions
         start .. start + T - 1."""
-        if not isinstance(idx, Tensor):
-            raise TypeError(f"Token ids must be a tensor (torch.tensor(ids)), got {type(idx)}.")
-        if idx.dim() != 2 or 0 in idx.shape:
-            raise ValueError(
-                f"Token ids must have shape (batch, tokens) with at least one sequence of at "
-                f"least one token, got {tuple(idx.shape)}."
-            )
-        if idx.dtype not in (torch.long, torch.int):  # what an embedding lookup takes
-            raise ValueError(f"Token ids must be torch.long (call .long()), got {idx.dtype}.")
-        end = start + idx.size(1)
-        if end > self.config.context_length:
-            raise ValueError(
-                f"Sequence of {end} tokens is longer than the model's context_length "
-                f"({self.config.context_length}); crop the input to its last "
-                f"{self.config.context_length} tokens."
-            )
+        check_token_ids(idx, self.config.context_length, start)
         self._check_in_vocabulary(idx, "Token ids")
         x = self.token_embedding(idx)  # (B, T, C)
         if self.position_embedding is not None:  # with RoPE the attention adds positions
-            x = x + self.position_embedding(torch.arange(start, end, device=idx.device))
+            positions = torch.arange(start, start + idx.size(1), device=idx.device)
+            x = x + self.position_embedding(positions)
         if _matmul_dtype(x) == torch.bfloat16:
             # Under bf16 autocast the residual stream is carried in bf16, as llm.c does: every
             # norm, residual add and their gradients move half the bytes of fp32 (4% of a GPT-2

@@ -13,7 +13,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,20 @@ from llm.training import (
 
 log = logging.getLogger(__name__)
 RESUMABLE = "a last.ckpt or best.ckpt written by scripts/train.py"
+# What configs/train.yaml and its groups hold at the top; build reads nothing else there.
+RUN_SETTINGS = [
+    "seed",
+    "ckpt_path",
+    "init_from",
+    "tokenizer",
+    "model",
+    "data",
+    "module",
+    "trainer",
+    "logger",
+    "callbacks",
+]
+
 # The datamodule's settings that are the run's (data.<key>: the setting it comes from), passed
 # in by ``build``: a tokenizer or window length of the data's own would not be the model's.
 DATA_FROM_RUN = {
@@ -177,6 +191,13 @@ CHECKS: list[Check] = [
         "null (every batch), a number of batches, or a fraction in [0, 1]",
     ),
     ("trainer.accumulate_grad_batches", INTEGER, positive, "a positive integer"),
+    ("trainer.num_nodes", INTEGER, positive, "a positive integer"),
+    (
+        "trainer.check_val_every_n_epoch",
+        (type(None),),
+        lambda v: True,
+        "null (the run is one endless epoch, validated every trainer.val_check_interval steps)",
+    ),
     (
         "trainer.devices",
         (int, str, Sequence),
@@ -243,6 +264,7 @@ PROGRESS_BAR_CHECK: Check = (
 def validate(cfg: DictConfig, warn: bool = True) -> None:
     """Fail before any work, with one line naming the key and the fix, on an impossible value;
     with ``warn``, log what is allowed but rarely meant."""
+    check_known_keys(cfg, [*RUN_SETTINGS, "hydra"])  # Hydra's own, in a config it composed
     check_known_keys(cfg.tokenizer, ("name", "path"), "tokenizer.")
     check_model(cfg.model)
     check_values(cfg, CHECKS)
@@ -292,20 +314,23 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
             "small updates round to 0 or overflow: the loss turns NaN at once. Use 16-mixed or "
             "bf16-true"
         )
-    if cfg.ckpt_path is not None:
-        if not Path(cfg.ckpt_path).is_file():
+    if (ckpt_path := file_setting(cfg, "ckpt_path")) is not None:
+        if not Path(ckpt_path).is_file():
             raise FileNotFoundError(
-                f"ckpt_path={cfg.ckpt_path} does not exist or is a folder; give a .ckpt file."
+                f"ckpt_path={ckpt_path} does not exist or is a folder; give a .ckpt file"
+                + read_as_value_hint(cfg, "ckpt_path")
             )
         # A truncated, foreign or unsafe file, or one of another model or tokenizer, fails here
         # in one line rather than in Lightning, and before any data is prepared. The vocabulary
         # is the tokenizer's, checked once it is loaded.
-        check_resumable(Path(cfg.ckpt_path), cfg)
+        check_resumable(Path(ckpt_path), cfg)
     elif cfg.init_from is not None:  # ignored by a resume, which restores its own weights
         check_initial_weights(cfg)
-    if cfg.data.get("data_dir") is not None:  # fail now, not after the trainer is built
+    if "data_dir" in cfg.data:  # fail now, not after the trainer is built
+        check_values(cfg, [("data.data_dir", (str,), bool, "a folder for the prepared tokens")])
         check_output_folder(source, cfg.data.data_dir, "data.data_dir")
-    # Allowed, but rarely what was meant; warned of only once nothing is refused.
+    # Allowed, but rarely what was meant; warned of once validate refuses nothing (what only
+    # building the run can refuse, such as +module.foo=1, is reported after the warning).
     if warn and cfg.module.warmup_steps > cfg.trainer.max_steps:
         rank_zero_only(log.warning)(
             "module.warmup_steps=%d is more than trainer.max_steps=%d: the learning rate never "
@@ -347,8 +372,28 @@ def check_resumable(ckpt_path: Path, cfg: DictConfig) -> None:
             f"trainer.accumulate_grad_batches={saved.batches // saved.step}"
         )
     check_same_tokenizer(f"ckpt_path={ckpt_path}", saved.tokenizer, cfg.tokenizer, "resume")
-    current = {**OmegaConf.to_container(cfg.model), "vocab_size": saved.config.vocab_size}
-    check_same_model(saved.config.to_dict(), current)
+    current = run_model_config(cfg, saved.config.vocab_size)
+    check_same_model(saved.config.to_dict(), current.to_dict())
+
+
+def run_model_config(cfg: DictConfig, vocab_size: int) -> GPTConfig:
+    """The run's ``GPTConfig``: its ``model`` settings, with the tokenizer's vocabulary."""
+    return GPTConfig(**{**OmegaConf.to_container(cfg.model), "vocab_size": vocab_size})
+
+
+def file_setting(cfg: DictConfig, key: str) -> str | None:
+    """The file the setting ``key`` names, or None. Hydra reads a name like 2024 from the
+    command line as a number, which this gives back as text."""
+    value = cfg.get(key)
+    return None if value is None else str(value)
+
+
+def read_as_value_hint(cfg: DictConfig, key: str) -> str:
+    """For a file not found: how to quote its name where Hydra read the setting ``key`` as a
+    number or a boolean, whose text may not be the name given (1e3 comes as 1000.0)."""
+    if isinstance(cfg.get(key), str):
+        return ""
+    return f"; for a name like a number or true, {quoting_fix(key)}"
 
 
 def check_same_tokenizer(
@@ -379,20 +424,15 @@ def check_initial_weights(cfg: DictConfig) -> None:
     or a ``context_length`` longer than a learned position table's. Only the file's config is
     read, not its weights; the vocabulary is the tokenizer's, checked once it is loaded
     (``start_from_weights``)."""
-    init_from = str(cfg.init_from)  # a file named 2024 comes from the command line as a number
+    init_from = file_setting(cfg, "init_from")
     if not init_from:
         raise ValueError(f"init_from is empty: give {ACCEPTED}, or null to start afresh")
     if not Path(init_from).exists():
-        # 1e3 comes as 1000.0: the name Hydra read as a number is not the one given.
-        hint = (
-            ""
-            if isinstance(cfg.init_from, str)
-            else f"; for a name like a number or true, {quoting_fix('init_from')}"
-        )
+        hint = read_as_value_hint(cfg, "init_from")
         raise FileNotFoundError(f"init_from={init_from} not found: give {ACCEPTED}{hint}")
     saved, _, tokenizer = read_model_file(init_from, weights=False)
     check_same_tokenizer(f"init_from={init_from}", tokenizer, cfg.tokenizer, "train")
-    wanted = GPTConfig(**{**OmegaConf.to_container(cfg.model), "vocab_size": saved.vocab_size})
+    wanted = run_model_config(cfg, saved.vocab_size)
     shape = replace(saved, dropout=wanted.dropout, context_length=wanted.context_length)
     too_long = saved.pos_embedding == "learned" and wanted.context_length > saved.context_length
     if differences := config_differences(shape.to_dict(), wanted.to_dict()):
@@ -486,7 +526,7 @@ def check_no_earlier_run(cfg: DictConfig, sweep: bool = False) -> None:
     (``ckpt_path``) or Lightning will (its SLURM requeue checkpoints, ``hpc_ckpt_*.ckpt``)."""
     setting = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     folder = Path(OmegaConf.select(cfg, setting)).absolute()
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path = file_setting(cfg, "ckpt_path")
     if ckpt_path is not None and Path(ckpt_path).absolute().is_relative_to(folder):
         return  # the run goes on where it left off
     found = sorted(folder.rglob("*.ckpt")) if folder.is_dir() else []
@@ -561,20 +601,20 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         cfg.data, **{key: OmegaConf.select(cfg, setting) for key, setting in DATA_FROM_RUN.items()}
     )
     # The tokenizer decides the vocabulary; the config is checked before any data is prepared.
-    model_config = GPTConfig(
-        **{**OmegaConf.to_container(cfg.model), "vocab_size": datamodule.vocab_size}
-    )
+    model_config = run_model_config(cfg, datamodule.vocab_size)
     # The checkpoints name the tokenizer's ranks file for generation, which may run elsewhere.
     tokenizer = OmegaConf.to_container(cfg.tokenizer)
     if tokenizer["path"] is not None:
         tokenizer["path"] = str(Path(tokenizer["path"]).resolve())
     module = instantiate(
-        cfg.module, model=asdict(model_config), tokenizer=tokenizer, _convert_="all"
+        cfg.module, model=model_config.to_dict(), tokenizer=tokenizer, _convert_="all"
     )
     if cfg.init_from is not None and cfg.ckpt_path is None:  # a resume restores its own weights
-        start_from_weights(module.model, str(cfg.init_from), datamodule.tokenizer)
+        start_from_weights(module.model, file_setting(cfg, "init_from"), datamodule.tokenizer)
     # Lightning would report a file in the way only at the first save, after training, or as
-    # a riddle ("you tried to log -1").
+    # a riddle ("you tried to log -1"). The logger needs a folder; checkpoints default to one.
+    if cfg.get("logger") and "save_dir" in cfg.logger:
+        check_values(cfg, [("logger.save_dir", (str,), bool, "a folder for the logs")])
     for setting in ("logger.save_dir", "callbacks.checkpoint.dirpath"):
         if (folder := OmegaConf.select(cfg, setting)) is not None:
             check_folder(folder, setting)
@@ -792,7 +832,10 @@ def train(cfg: DictConfig) -> GracefulStop | None:
         try:
             with sweep_job_launches_its_own_ranks():
                 trainer.fit(
-                    module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True
+                    module,
+                    datamodule=datamodule,
+                    ckpt_path=file_setting(cfg, "ckpt_path"),
+                    weights_only=True,
                 )
         except SIGTERMException:  # Lightning's: a SIGTERM GracefulStop did not take
             if stop is None or stop.checkpoint_path is None:

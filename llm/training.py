@@ -80,6 +80,12 @@ def dropout_seed(seed: int, rank: int, step: int, micro_batch: int) -> int:
     )
 
 
+def optimizer_stepped(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the micro-batch ``batch_idx``, just ended, completed an optimizer step (it was
+    the last of ``trainer.accumulate_grad_batches``)."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+
+
 class GPTLightningModule(L.LightningModule):
     """Trains a ``GPT`` on ``(inputs, targets)`` batches of token ids, both (B, T).
 
@@ -188,8 +194,8 @@ class GPTLightningModule(L.LightningModule):
         torch.manual_seed(dropout_seed(self.seed, self.global_rank, self.global_step, micro_batch))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        optimizer_stepped = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
-        if optimizer_stepped and self.global_step % self.check_finite_every == 0:
+        stepped = optimizer_stepped(self.trainer, batch_idx)
+        if stepped and self.global_step % self.check_finite_every == 0:
             self.check_finite()
         if self.global_step >= self.trainer.max_steps:
             # Stopping, rather than running out of steps, makes Lightning validate once more,

@@ -50,13 +50,14 @@ def main() -> None:
                 args.checkpoint, "cpu", args.tokenizer_path, flag
             )
             prompt_tokens = len(tokenizer.encode(args.prompt))
-            if prompt_tokens > args.max_tokens:
+            max_tokens = min(args.max_tokens, model.config.context_length)
+            if prompt_tokens > max_tokens:
+                limit = "--max-tokens" if max_tokens == args.max_tokens else "the model's context"
                 print(
-                    f"drawing the prompt's first {args.max_tokens} of {prompt_tokens} tokens "
-                    "(--max-tokens)",
+                    f"drawing the prompt's first {max_tokens} of {prompt_tokens} tokens ({limit})",
                     file=sys.stderr,
                 )
-            figures = model_attention_figures(model, tokenizer, args.prompt, args.max_tokens)
+            figures = model_attention_figures(model, tokenizer, args.prompt, max_tokens)
         else:
             figures = {"ladder": ladder_figure(TOY_INPUTS, TOY_TOKENS)}
         paths = save_figures(figures, args.png, args.tensorboard)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import Logger
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from llm.callbacks import TokenThroughputMonitor
@@ -118,10 +119,9 @@ def head_only(
 def linear_shapes(config: GPTConfig) -> list[tuple[int, int]]:
     """(in, out) features of every linear layer of the model: each block's query/key/value
     projection, attention output and MLP, then the LM head over the padded vocabulary."""
-    c = config
-    qkv_width = (c.n_head + 2 * c.kv_heads) * c.head_size
-    block = [(c.n_embd, qkv_width), (c.n_embd, c.n_embd), (c.n_embd, 4 * c.n_embd)]
-    return [*block, (4 * c.n_embd, c.n_embd)] * c.n_layer + [(c.n_embd, c.padded_vocab_size)]
+    with torch.device("meta"):  # the shapes only: no memory, no initialisation
+        model = GPT(config)
+    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
 
 
 def kernels_alone(

@@ -44,6 +44,8 @@ CHECKS: list[Check] = [
     ("tokenizer.path", (str, type(None)), lambda v: True, "a file path or null"),
     ("use_cache", BOOLEAN, lambda v: True, "true or false"),
     ("show_speed", BOOLEAN, lambda v: True, "true or false"),
+    ("device", (str,), lambda v: True, "auto, cpu, cuda or cuda:N"),
+    ("dtype", (str,), lambda v: v == "auto" or v in DTYPES, "auto, " + ", ".join(DTYPES)),
 ]
 
 
@@ -87,8 +89,6 @@ def run(cfg: DictConfig) -> None:
     settings = OmegaConf.load(CONFIG)
     check_known_keys(cfg, set(settings) - {"defaults"})
     check_known_keys(cfg.tokenizer, set(settings.tokenizer), "tokenizer.")
-    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     check_values(cfg, CHECKS)
     device = device_from_name(cfg.device)
     prompt = read_prompt(cfg)

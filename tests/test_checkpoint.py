@@ -93,6 +93,15 @@ def test_hugging_face_folder_keeps_a_tokenizer_other_than_gpt2s(tmp_path):
     assert load_model(tmp_path / "hf")[1] == BYTES
 
 
+def test_a_torch_compiled_gpt_saves_under_the_gpts_own_names(tmp_path):
+    model = tiny_model()
+    compiled = torch.compile(model)  # its state_dict's names start with _orig_mod.
+    save_model(compiled, tmp_path / "model.safetensors", BYTES)
+    save_hf(compiled, tmp_path / "hf")
+    assert same_logits(model, load_model(tmp_path / "model.safetensors")[0])
+    assert same_logits(model, load_model(tmp_path / "hf")[0])
+
+
 def test_a_file_is_recognised_by_its_content_not_its_name(tmp_path):
     model = tiny_model()
     save_model(model, tmp_path / "model.ckpt", BYTES)  # safetensors under a .ckpt name

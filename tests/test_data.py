@@ -239,6 +239,15 @@ def test_empty_file(tmp_path: Path, bytes_tok: Tokenizer) -> None:
         prepare(str(tmp_path / "empty.txt"), bytes_tok, tmp_path / "data")
 
 
+def test_text_too_short_to_split_is_refused_and_nothing_written(
+    tmp_path: Path, bytes_tok: Tokenizer
+) -> None:
+    (tmp_path / "one.txt").write_text("x")  # its one character validates: nothing trains
+    with pytest.raises(DataError, match="the text makes 0 train and 1 val tokens"):
+        prepare(str(tmp_path / "one.txt"), bytes_tok, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
 def test_binary_and_utf16_files_are_refused(tmp_path: Path, bytes_tok: Tokenizer) -> None:
     (tmp_path / "notes.txt").write_text("hello\n" * 20, encoding="utf-16")
     with pytest.raises(DataError, match=r"notes\.txt holds NUL bytes: it is binary or UTF-16"):
@@ -514,9 +523,9 @@ def test_datamodule_prepares_on_demand_and_batches(tmp_path: Path, text_file: Pa
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert len(module.val_dataloader()) > 0
 
-    module.start_sample = 4  # resume after one batch: the second batch of a fresh run
+    module.train_set.start = 4  # resume after one batch: the second batch of a fresh run
     resumed, _ = next(iter(module.train_dataloader()))
-    module.start_sample = 0
+    module.train_set.start = 0
     loader = iter(module.train_dataloader())
     next(loader)
     assert torch.equal(resumed, next(loader)[0])

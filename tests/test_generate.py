@@ -221,7 +221,7 @@ def test_bad_sampling_options_fail_at_the_call(options, message):
 
 
 def test_float_ids_fail_at_the_call_and_sampling_checks_its_settings():
-    with pytest.raises(ValueError, match=r"the prompt must be token ids, a torch\.long tensor"):
+    with pytest.raises(ValueError, match=r"Token ids must be torch\.long .*, got torch\.float32"):
         generate(tiny_model(), prompt().float(), 3)
     logits = torch.randn(2, VOCAB_SIZE)
     for options in ({"temperature": -1.0}, {"top_k": 0}, {"top_p": 0.0}):
@@ -233,9 +233,11 @@ def test_empty_and_too_long_prompts_are_refused():
     tokenizer = load_tokenizer("bytes")
     with pytest.raises(ValueError, match="the prompt is empty"):
         encode_prompt(tokenizer, "", CONTEXT)
-    with pytest.raises(ValueError, match="17 tokens but the model's context holds 16"):
+    with pytest.raises(ValueError, match=r"The prompt of 17 tokens is longer than .* \(16\)"):
         encode_prompt(tokenizer, "x" * 17, CONTEXT)
-    with pytest.raises(ValueError, match="shorten the prompt"):
+    with pytest.raises(
+        ValueError, match=r"The prompt of 17 tokens .* crop it to its last 16 tokens"
+    ):
         generate(tiny_model(), prompt(length=CONTEXT + 1), 1)
     with pytest.raises(ValueError, match="max_tokens must be a whole number >= 1"):
         encode_prompt(tokenizer, "xyz", CONTEXT, max_tokens=-1)
@@ -262,6 +264,9 @@ def test_text_stream_replaces_invalid_bytes_like_the_tokenizer_and_stops_at_end_
     assert stream.num_tokens == 2
     with pytest.raises(ValueError, match="300 is no token id of the bytes tokenizer"):
         list(TextStream(tokenizer, [72, 300]))
+    batch = [torch.tensor([72]), torch.tensor([105, 33])]  # tokens of two sequences at once
+    with pytest.raises(ValueError, match=r"decodes one sequence, got \(2,\) tokens at once"):
+        list(TextStream(tokenizer, batch))
 
 
 def test_generate_text_stops_at_the_end_of_text_token_it_is_given():

@@ -193,6 +193,12 @@ def test_attention_script_writes_a_png_per_layer_for_a_checkpoint(tmp_path, monk
         str(tmp_path / "cut"),
     )
     assert capsys.readouterr().err == "drawing the prompt's first 6 of 112 tokens (--max-tokens)\n"
+    # The default 64 is more than this model's context of 16: the context is the limit.
+    run_attention_script(
+        monkeypatch, "model", str(tmp_path / "m.ckpt"), "Hello, world! " * 8, "--png", str(tmp_path)
+    )
+    err = capsys.readouterr().err
+    assert err == "drawing the prompt's first 16 of 112 tokens (the model's context)\n"
 
 
 def test_attention_script_reports_a_bad_checkpoint_in_one_line(tmp_path, monkeypatch, capsys):

@@ -216,6 +216,14 @@ def test_sliding_window_weights_are_a_band():
     assert torch.allclose(weights.sum(-1), torch.ones(1, HEADS, T), atol=1e-6)
 
 
+def test_flex_attention_forced_on_a_cpu_refuses_to_compute_gradients():
+    attn = module(SlidingWindowAttention, window=4, use_flex=True).eval()
+    with pytest.raises(
+        ValueError, match=r"no gradients on a CPU; run the model under torch\.no_grad\(\)"
+    ):
+        attn(torch.randn(1, T, D))
+
+
 @torch.no_grad()
 def test_flex_attention_kernel_equals_the_sdpa_band_mask():
     """FlexAttention (compiled; forward only on a CPU) is the CUDA default for whole-sequence
@@ -276,6 +284,19 @@ def test_window_cache_memory_stays_bounded_however_long_the_text():
             sizes.append(cache.nbytes)
     assert sizes[-1] == 3 * 2 * 8 * 4  # 3 positions, keys and values, head size 8, float32
     assert max(sizes) == sizes[-1] and sizes[0] < sizes[-1]
+
+
+@pytest.mark.parametrize(
+    ("layer_window", "too_narrow", "wide_enough"), [(None, 3, None), (4, 2, 9)]
+)
+def test_a_cache_that_keeps_less_than_the_layer_sees_is_refused(
+    layer_window, too_narrow, wide_enough
+):
+    step = MultiHeadAttention if layer_window is None else SlidingWindowAttention
+    attn = module(step, **({} if layer_window is None else {"window": layer_window})).eval()
+    with pytest.raises(ValueError, match=f"window={too_narrow} drops keys this layer attends"):
+        attn(torch.randn(1, 1, D), kv_cache=KVCache(max_length=16, window=too_narrow))
+    assert attn(torch.randn(1, 1, D), kv_cache=KVCache(16, wide_enough)).shape == (1, 1, D)
 
 
 @pytest.mark.parametrize("name", ["rope+gqa", "learned+mqa+window", "rope+mqa+windows"])

@@ -88,6 +88,9 @@ GENERATE_CASES = [
     (["+max_new_token=5"], "max_new_token is not a setting, and nothing would read it"),
     (["max_new_tokens=many"], "max_new_tokens must be a positive integer, got 'many'"),
     (["top_p=2"], "top_p must be a number in (0, 1] or null, got 2"),
+    (["device=null"], "device must be auto, cpu, cuda or cuda:N, got None"),
+    (["dtype=[bfloat16]"], "dtype must be auto, float32, bfloat16, float16, got ['bfloat16']"),
+    (["tokenizer=bytes"], "tokenizer holds settings (tokenizer.path), not one value: override"),
 ]
 
 
