@@ -282,7 +282,7 @@ class MultiHeadAttention(nn.Module):
     ``attention_mask`` and ``attend`` (limiting the keys).
     """
 
-    window: int | None = None  # how many positions back a query sees (step 8); None: all
+    window: int | None = None  # the keys a query sees, its own included (step 8); None: all
 
     def __init__(
         self,
@@ -317,10 +317,10 @@ class MultiHeadAttention(nn.Module):
         queries, keys = self.rotate(queries, keys, start)
         if kv_cache is not None:
             if kv_cache.window is not None and kv_cache.window < (self.window or math.inf):
+                sees = "every key" if self.window is None else f"window={self.window}"
                 raise ValueError(
                     f"a KVCache with window={kv_cache.window} drops keys this layer attends to "
-                    f"(window={self.window}): give it the layer's window, as "
-                    "GPT.new_kv_caches() does"
+                    f"({sees}): give it the layer's window, as GPT.new_kv_caches() does"
                 )
             keys, values = kv_cache.append(keys, values)  # (B, nkv, S, hs)
         dropout_p = self.dropout if self.training else 0.0

@@ -47,13 +47,13 @@ def check_values(cfg: DictConfig, checks: Iterable[Check]) -> None:
 def setting_like(cfg: DictConfig, key: str) -> str | None:
     """The setting of ``cfg``, at any depth, whose name is ``key`` or close to it, as a dotted
     name (``max_steps`` -> ``trainer.max_steps``), other than ``key`` itself; None if none is.
-    Hydra's own settings are left out."""
+    Hydra's own settings, and ``_target_``, are left out."""
     names: list[str] = []
     nested = [("", OmegaConf.to_container(cfg, resolve=False))]
     while nested:
         prefix, settings = nested.pop(0)  # shallowest first
         for name, value in settings.items():
-            if prefix + str(name) not in ("hydra", key):
+            if prefix + str(name) not in ("hydra", key) and not str(name).startswith("_"):
                 names.append(prefix + str(name))
                 if isinstance(value, dict):
                     nested.append((f"{prefix}{name}.", value))

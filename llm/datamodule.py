@@ -171,7 +171,7 @@ class TokenDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.source = str(source)  # a folder named 2024 comes from the command line as a number
-        self.data_dir = data_dir
+        self.data_dir = str(data_dir)  # as source
         self.tokenizer_name = tokenizer_name
         self.tokenizer_path = tokenizer_path
         self.context_length = context_length

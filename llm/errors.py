@@ -178,7 +178,7 @@ def composition_error(error: ConfigCompositionException | OverrideParseException
         key = ambiguous.group(1)
         lines = [
             lines[0],
-            f"A comma makes a list ({key}=[a,b]) or, with --multirun, a sweep",
+            f"A comma makes a sweep, with --multirun, or a list ({key}=[a,b])",
             f"If the value is text, {quoting_fix(key)}",
         ]
     options = getattr(error, "options", None)  # a group option that does not exist
@@ -187,10 +187,16 @@ def composition_error(error: ConfigCompositionException | OverrideParseException
     cause = error.__cause__
     if isinstance(cause, OmegaConfBaseException):  # OmegaConf's first line says what is wrong
         lines.insert(1, first_line(cause))
-        if isinstance(cause, UNKNOWN_KEY_ERRORS) and (close := did_you_mean(cause)):
-            # Instead of Hydra's "To append to your config use +key=...": a key added with +
-            # that nothing reads is refused (llm.checks.check_known_keys).
-            lines = [*lines[:2], close]
+        if isinstance(cause, UNKNOWN_KEY_ERRORS):
+            close = did_you_mean(cause)
+            parent, key = getattr(cause, "parent_node", None), getattr(cause, "key", None)
+            if isinstance(parent, DictConfig) and str(cause.full_key) == str(key):
+                # At the top, where the scripts refuse a key added with + that nothing reads
+                # (llm.checks.check_known_keys): not Hydra's "use +key=...".
+                settings = ", ".join(sorted(str(k) for k in parent if k != "hydra"))
+                lines = [*lines[:2], close or f"The settings are {settings}"]
+            elif close:
+                lines.insert(2, close)
     if isinstance(error, OverrideParseException) and "=" in error.override:
         # Spaces, quotes, brackets, ':' or '=' in a value, or letters outside ASCII, stop
         # Hydra's parser unless the value is quoted.

@@ -327,8 +327,9 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
     elif cfg.init_from is not None:  # ignored by a resume, which restores its own weights
         check_initial_weights(cfg)
     if "data_dir" in cfg.data:  # fail now, not after the trainer is built
-        check_values(cfg, [("data.data_dir", (str,), bool, "a folder for the prepared tokens")])
-        check_output_folder(source, cfg.data.data_dir, "data.data_dir")
+        # A folder named 2024 comes from the command line as a number, as data.source can.
+        check_values(cfg, [("data.data_dir", (str, int), bool, "a folder for the prepared tokens")])
+        check_output_folder(source, str(cfg.data.data_dir), "data.data_dir")
     # Allowed, but rarely what was meant; warned of once validate refuses nothing (what only
     # building the run can refuse, such as +module.foo=1, is reported after the warning).
     if warn and cfg.module.warmup_steps > cfg.trainer.max_steps:
@@ -612,9 +613,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     if cfg.init_from is not None and cfg.ckpt_path is None:  # a resume restores its own weights
         start_from_weights(module.model, file_setting(cfg, "init_from"), datamodule.tokenizer)
     # Lightning would report a file in the way only at the first save, after training, or as
-    # a riddle ("you tried to log -1"). The logger needs a folder; checkpoints default to one.
-    if cfg.get("logger") and "save_dir" in cfg.logger:
-        check_values(cfg, [("logger.save_dir", (str,), bool, "a folder for the logs")])
+    # a riddle ("you tried to log -1"). TensorBoard needs a folder (other loggers may not), as
+    # text; checkpoints have a default one.
+    if str(OmegaConf.select(cfg, "logger._target_")).endswith("TensorBoardLogger"):
+        check_values(cfg, [("logger.save_dir", (str,), bool, "a folder for the logs, as text")])
     for setting in ("logger.save_dir", "callbacks.checkpoint.dirpath"):
         if (folder := OmegaConf.select(cfg, setting)) is not None:
             check_folder(folder, setting)

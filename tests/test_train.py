@@ -57,6 +57,7 @@ from llm.hardware import device_from_name, peak_flops, precision_dtype
 from llm.inspect import model_attention_figures
 from llm.model import GPT, GPTConfig
 from llm.run import (
+    RUN_SETTINGS,
     build,
     check_every_sweep_job,
     check_no_earlier_run,
@@ -303,7 +304,7 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
     cases = {
         # Refused by Hydra while composing the config.
         "trainer.max_stepz=5": "Could not override 'trainer.max_stepz'. Key 'max_stepz' is not "
-        "in struct. Did you mean trainer.max_steps?",
+        "in struct. Did you mean trainer.max_steps? To append to your config use +trainer.max",
         "logger=null": "to leave a config group out, delete it: ~GROUP (e.g. ~logger)",
         # Refused by llm's checks.
         "data.batch_size=0": "data.batch_size must be a positive integer",
@@ -313,6 +314,7 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
         "callbacks.throughput.window_size=1": "callbacks.throughput: window_size must be a whole",
         f"logger.save_dir={a_file}": f"cannot write in {a_file} ({a_file} is not a folder): set "
         "logger.save_dir",
+        "logger.save_dir=null": "logger.save_dir must be a folder for the logs, as text, got None",
         "callbacks.throughput._target_=llm.Nothing": "callbacks.throughput: Error locating target",
     }
     run_dirs = [tmp_path / f"run-{number}" for number in range(len(cases))]
@@ -359,15 +361,21 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
             """If the value is text, put it in quotes, inside the shell's: 'data.source="..."'.""",
         ),
         ("model.n_layer=six", "Value 'six' of type 'str' could not be converted to Integer"),
-        (  # a key of a group, given at the top: Hydra's "use +max_steps=5" would be ignored
+        # At the top, where a key added with + is refused: not Hydra's "use +max_steps=5".
+        (
             "max_steps=5",
             "Could not override 'max_steps'. Key 'max_steps' is not in struct. Did you mean "
             "trainer.max_steps?",
         ),
+        (
+            "zzz=5",
+            "Could not override 'zzz'. Key 'zzz' is not in struct. The settings are callbacks, "
+            "ckpt_path, data, init_from, logger, model, module, seed, tokenizer, trainer.",
+        ),
         (  # Hydra's advice, key=\'a,b\', breaks on a space in the value
             "data.source=a, b",
-            "Ambiguous value for argument 'data.source=a, b'. A comma makes a list "
-            "(data.source=[a,b]) or, with --multirun, a sweep. If the value is text, put it in "
+            "Ambiguous value for argument 'data.source=a, b'. A comma makes a sweep, with "
+            "--multirun, or a list (data.source=[a,b]). If the value is text, put it in "
             """quotes, inside the shell's: 'data.source="..."'.""",
         ),
     ],
@@ -1031,6 +1039,7 @@ def test_a_callback_set_to_null_is_left_out(corpus, tmp_path):
         ("trainer.precision=bf16-mixed", None),
         ("trainer.precision=32", None),
         ("callbacks.progress_bar=null", None),  # nothing to check
+        ("data.data_dir=2024", None),  # a folder named like a number
     ],
 )
 def test_the_edges_of_what_the_config_allows(corpus, tmp_path, override, refused):
@@ -1257,6 +1266,14 @@ def test_a_source_folder_named_by_a_number(corpus, tmp_path, monkeypatch):
     assert hydra.utils.instantiate(cfg.data).dataset_dir == tmp_path / "data" / "2024"
 
 
+def test_the_settings_a_run_reads_at_the_top_are_train_yamls():
+    train_yaml = OmegaConf.load(CONFIGS / "train.yaml")
+    # Each experiment's settings land in the groups' (@package _global_), not under its name.
+    groups = {name for entry in train_yaml.defaults if entry != "_self_" for name in entry}
+    expected = set(train_yaml) - {"defaults", "hydra"} | groups - {"experiment"}
+    assert set(RUN_SETTINGS) == expected
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -1308,9 +1325,14 @@ def test_a_source_folder_named_by_a_number(corpus, tmp_path, monkeypatch):
             "data.context_length cannot be set: it is model.context_length's",
         ),
         # Added at the top with +, where nothing reads them.
-        ("+max_steps=5", "max_steps is not a setting, and nothing would read it: did you mean "),
+        (
+            "+max_steps=5",
+            "max_steps is not a setting, and nothing would read it: did you mean "
+            "trainer.max_steps?",
+        ),
         ("+foo=1", "foo is not a setting, and nothing would read it: the settings are callbacks"),
         ("tokenizer=bytes", "tokenizer holds settings (tokenizer.name, tokenizer.path), not one"),
+        ("tokenizer=null", "tokenizer holds settings (tokenizer.name, tokenizer.path), not one"),
         ("trainer.num_nodes=abc", "trainer.num_nodes must be a positive integer, got 'abc'"),
         (  # validation would never come due in the run's one endless epoch
             "trainer.check_val_every_n_epoch=2",
