@@ -42,6 +42,9 @@ class TokenThroughputMonitor(L.Callback):
     idles while the host launches the next step. This one waits only on the steps that log
     (every ``trainer.log_every_n_steps``), where logging the loss waits for the GPU anyway; the
     rates are the same, because each reading covers every batch since the previous one.
+
+    The running totals (``train/time``, ``train/batches``, ``train/samples``, ``train/lengths``)
+    are kept in checkpoints, so a resumed run's go on from where they stopped.
     """
 
     def __init__(self, window_size: int = 5) -> None:
@@ -51,6 +54,11 @@ class TokenThroughputMonitor(L.Callback):
                 f"{window_size!r}"
             )
         self.window_size = window_size
+        # Training time and work since the run began (a resumed run's restored from its
+        # checkpoint): every reading is of these totals.
+        self._batches = self._samples = self._tokens = 0
+        self._seconds_before = 0.0  # up to the last pause (validation), or to the start
+        self._started, self._paused = time.perf_counter(), True
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         device = trainer.strategy.root_device
@@ -61,9 +69,22 @@ class TokenThroughputMonitor(L.Callback):
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.throughput.reset()
-        self._batches = self._samples = self._tokens = self._flops_since_reading = 0
-        self._seconds_before, self._started, self._paused = 0.0, time.perf_counter(), False
+        self.throughput.reset()  # the rates start afresh; the totals go on
+        self._flops_since_reading = 0
+        self._started, self._paused = time.perf_counter(), False
+
+    def state_dict(self) -> dict[str, float]:
+        running = 0.0 if self._paused else time.perf_counter() - self._started
+        return {
+            "batches": self._batches,
+            "samples": self._samples,
+            "tokens": self._tokens,
+            "seconds": self._seconds_before + running,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self._batches, self._samples = state_dict["batches"], state_dict["samples"]
+        self._tokens, self._seconds_before = state_dict["tokens"], state_dict["seconds"]
 
     def on_train_batch_end(
         self,

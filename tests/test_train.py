@@ -579,6 +579,10 @@ def test_signal_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path, sign
         assert whole_loss.value == resumed_loss.value, tag
     # Between them, the two runs validated where the uninterrupted one did, and only there.
     assert validated_steps(first_dir) + validated_steps(second_dir) == validated_steps(whole_dir)
+    # The throughput's running totals went on from the checkpoint's: 8 steps of 8 samples.
+    samples = [last_scalar(d, "train/samples") for d in (whole_dir, second_dir)]
+    assert [(s.step, s.value) for s in samples] == [(8, 64), (8, 64)]
+    assert last_scalar(second_dir, "train/time").value > last_scalar(first_dir, "train/time").value
 
 
 @pytest.mark.slow
