@@ -314,7 +314,6 @@ def test_bad_overrides_fail_in_one_line_before_any_work(tmp_path):
         "callbacks.throughput.window_size=1": "callbacks.throughput: window_size must be a whole",
         f"logger.save_dir={a_file}": f"cannot write in {a_file} ({a_file} is not a folder): set "
         "logger.save_dir",
-        "logger.save_dir=null": "logger.save_dir must be a folder for the logs, as text, got None",
         "callbacks.throughput._target_=llm.Nothing": "callbacks.throughput: Error locating target",
     }
     run_dirs = [tmp_path / f"run-{number}" for number in range(len(cases))]
@@ -1369,6 +1368,12 @@ def test_files_in_the_way_are_refused_before_any_work(corpus, tmp_path):
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
             validate(compose_run(tiny_overrides(corpus, tmp_path, override), tmp_path))
+    # Checked as the run is built: the folder may name the run's own (${hydra:runtime...}).
+    cfg = compose_run(tiny_overrides(corpus, tmp_path, "logger.save_dir=null"), tmp_path)
+    with pytest.raises(
+        ValueError, match=r"logger\.save_dir must be a folder for the logs, as text"
+    ):
+        build(cfg)
 
 
 def test_several_nodes_are_refused_unless_something_starts_every_node(
