@@ -44,10 +44,23 @@ def check_values(cfg: DictConfig, checks: Iterable[Check]) -> None:
             raise ValueError(f"{key} must be {wanted}, got {value!r}; override it as {key}=...")
 
 
-def setting_like(cfg: DictConfig, key: str) -> str | None:
+def meant_setting(
+    cfg: DictConfig, key: str, known: Collection[str], prefix: str = ""
+) -> str | None:
+    """The setting most likely meant by ``key``, unknown in ``cfg`` (whose settings are
+    ``known``, under ``prefix``), as a dotted name: a close one beside it or, at the top (no
+    ``prefix``), a close one deeper in ``cfg`` (``max_steps`` -> ``trainer.max_steps``); None
+    if none is close."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    if close:
+        return prefix + close[0]
+    return None if prefix else _deeper_setting(cfg, key)
+
+
+def _deeper_setting(cfg: DictConfig, key: str) -> str | None:
     """The setting of ``cfg``, at any depth, whose name is ``key`` or close to it, as a dotted
-    name (``max_steps`` -> ``trainer.max_steps``), other than ``key`` itself; None if none is.
-    Hydra's own settings, and ``_target_``, are left out."""
+    name, other than ``key`` itself; None if none is. Hydra's own settings, and ``_target_``,
+    are left out."""
     names: list[str] = []
     nested = [("", OmegaConf.to_container(cfg, resolve=False))]
     while nested:
@@ -76,10 +89,7 @@ def check_known_keys(cfg: DictConfig, known: Collection[str], prefix: str = "") 
     for key in cfg:
         if key in known:
             continue
-        close = difflib.get_close_matches(str(key), known, n=1)
-        meant = prefix + close[0] if close else None
-        if meant is None and not prefix:
-            meant = setting_like(cfg, str(key))
+        meant = meant_setting(cfg, str(key), known, prefix)
         hint = f"did you mean {meant}?" if meant else f"the settings are {settings}"
         raise ValueError(f"{prefix}{key} is not a setting, and nothing would read it: {hint}")
 

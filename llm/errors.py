@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import select
@@ -22,7 +21,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException, Ove
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from llm.checks import setting_like
+from llm.checks import meant_setting
 
 # Errors that mean bad input: their message says what is wrong and how to fix it. Anything else
 # is a bug and keeps its traceback. See also expected_errors().
@@ -149,17 +148,14 @@ UNKNOWN_KEY_ERRORS = (ConfigAttributeError, ConfigKeyError)
 
 
 def did_you_mean(error: OmegaConfBaseException) -> str | None:
-    """``Did you mean trainer.max_steps?`` for a mistyped key, when a key beside it is close."""
+    """``Did you mean trainer.max_steps?`` for a mistyped key, when a setting is close
+    (``llm.checks.meant_setting``)."""
     parent, key = getattr(error, "parent_node", None), getattr(error, "key", None)
     if not isinstance(parent, DictConfig) or not isinstance(key, str):
         return None
-    close = difflib.get_close_matches(key, [str(k) for k in parent], n=1)
     prefix = str(error.full_key)[: -len(key)]  # "trainer." of "trainer.max_stepz"
-    if close:
-        return f"Did you mean {prefix}{close[0]}?"
-    if not prefix and (deeper := setting_like(parent, key)):  # max_steps: trainer.max_steps
-        return f"Did you mean {deeper}?"
-    return None
+    meant = meant_setting(parent, key, [str(k) for k in parent], prefix)
+    return f"Did you mean {meant}?" if meant else None
 
 
 def quoting_fix(key: str) -> str:
