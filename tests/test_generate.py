@@ -2,6 +2,7 @@
 (sliding past the context included), streaming text, and the generate script end to end."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -312,9 +313,14 @@ def test_generate_script_streams_the_generated_text_and_writes_no_files(tmp_path
         "max_new_tokens=30",
         "temperature=0",
         "dtype=float32",  # the reference below runs in float32
+        "show_speed=true",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     expected = generate_text(model, load_tokenizer("bytes"), "Hello", 30, temperature=0)
     assert result.stdout == f"Hello{expected}\n"
+    # The first token (the prompt's forward pass, the warm-up) is timed apart from the rest.
+    speed = r"30 tokens in [\d.]+ s: the first after [\d.]+ s, then [\d.]+ tokens/s \(cpu, "
+    last_line = result.stderr.splitlines()[-1]
+    assert re.fullmatch(speed + r"torch.float32, cache on\)", last_line), result.stderr
     assert sorted(os.listdir(tmp_path)) == ["model.ckpt"]  # no outputs/ or .hydra/

@@ -1180,7 +1180,12 @@ def run_ddp_on_cpu(*overrides: str, sweep: bool = False) -> subprocess.Completed
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         *(["-m"] if sweep else []),
-        env={"PYTHONPATH": str(ROOT / "tests")},
+        # Prepended: where llm is not installed, the caller's PYTHONPATH finds it.
+        env={
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])
+            )
+        },
     )
 
 
