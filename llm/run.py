@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import fields, replace
+from inspect import signature
 from pathlib import Path
 from typing import Any
 
@@ -587,6 +588,19 @@ def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     return "bf16-mixed" if has_fast_bf16("cuda" if on_gpu else "cpu") else "32-true"
 
 
+def tensorboard_logger_settings() -> set[str]:
+    """What Lightning's TensorBoardLogger reads: its own arguments, and those of the
+    SummaryWriter that it hands every other key to (but ``log_dir``, which it sets itself) when
+    it first logs, where an unknown key would fail as a riddle."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.tensorboard import SummaryWriter
+
+    arguments = set(signature(TensorBoardLogger).parameters) | set(
+        signature(SummaryWriter).parameters
+    )
+    return arguments - {"kwargs", "log_dir"} | {"_target_"}
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Check ``cfg`` and build from it the datamodule, the module and the trainer with its
     callbacks and logger. Nothing is prepared or trained yet."""
@@ -617,6 +631,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     # text; checkpoints have a default one.
     if str(OmegaConf.select(cfg, "logger._target_")).endswith("TensorBoardLogger"):
         check_values(cfg, [("logger.save_dir", (str,), bool, "a folder for the logs, as text")])
+        check_known_keys(cfg.logger, tensorboard_logger_settings(), "logger.")
     for setting in ("logger.save_dir", "callbacks.checkpoint.dirpath"):
         if (folder := OmegaConf.select(cfg, setting)) is not None:
             check_folder(folder, setting)

@@ -1373,12 +1373,21 @@ def test_files_in_the_way_are_refused_before_any_work(corpus, tmp_path):
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
             validate(compose_run(tiny_overrides(corpus, tmp_path, override), tmp_path))
-    # Checked as the run is built: the folder may name the run's own (${hydra:runtime...}).
-    cfg = compose_run(tiny_overrides(corpus, tmp_path, "logger.save_dir=null"), tmp_path)
-    with pytest.raises(
-        ValueError, match=r"logger\.save_dir must be a folder for the logs, as text"
+    # Checked as the run is built: the folder may name the run's own (${hydra:runtime...}), and
+    # TensorBoard's logger hands keys it does not know to its SummaryWriter (flush_secs), which
+    # would refuse a misspelt one only when the run first logs.
+    for override, message in (
+        ("logger.save_dir=null", "logger.save_dir must be a folder for the logs, as text"),
+        (
+            "+logger.flush_sec=5",
+            "logger.flush_sec is not a setting, and nothing would read it: "
+            "did you mean logger.flush_secs?",
+        ),
     ):
-        build(cfg)
+        cfg = compose_run(tiny_overrides(corpus, tmp_path, override), tmp_path)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build(cfg)
+    build(compose_run(tiny_overrides(corpus, tmp_path, "+logger.flush_secs=5"), tmp_path))
 
 
 def test_several_nodes_are_refused_unless_something_starts_every_node(
