@@ -448,6 +448,12 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last(trainer)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's saves last.ckpt here even under trainer.fast_dev_run, which saves nothing
+        # else: a smoke test would leave a checkpoint behind.
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
+
     def _save_last(self, trainer: L.Trainer) -> None:
         # Skipped where Lightning saved at this step already (a best, with last.ckpt beside it),
         # and where a stop on a signal saved last.ckpt just before: a run resumed from that one

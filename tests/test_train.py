@@ -991,6 +991,12 @@ def test_without_validation_last_ckpt_is_saved_where_validations_would_be(corpus
     assert saves == [("last.ckpt", 3), ("last.ckpt", 6), ("last.ckpt", 8)]
 
 
+def test_fast_dev_run_saves_no_checkpoint(corpus, tmp_path, saves):
+    train_tiny(corpus, tmp_path, "+trainer.fast_dev_run=2")
+    assert saves == []
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_checkpoints_name_the_ranks_file_by_its_whole_path(
     corpus, tmp_path, tiny_ranks_file, monkeypatch
 ):
