@@ -399,8 +399,8 @@ def model_from_weights(config: GPTConfig, state_dict: dict[str, Tensor], source:
     ]
     if problems:
         raise ValueError(
-            f"{source}: the weights do not fit the model's config ({len(problems)} problems, "
-            f"such as {problems[0]})"
+            f"{source}: the weights do not fit the model's config ({problems[0]}"
+            + (f"; {len(problems)} problems in all)" if len(problems) > 1 else ")")
         )
     weights = {name: tensor.float() for name, tensor in state_dict.items()}
     model.load_state_dict(weights, strict=False, assign=True)

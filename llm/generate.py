@@ -88,7 +88,7 @@ def _generate(
     was_training = model.training
     model.eval()
     try:
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if window.size(1) > context_length:
                 window = window[:, -max(1, context_length // 2) :]  # slide: crop and rebuild
                 caches = None
@@ -100,6 +100,8 @@ def _generate(
                     logits, _ = model(window, kv_caches=caches)  # prefill the window at once
                 else:
                     logits, _ = model(window[:, -1:], kv_caches=caches)  # the newest token
+            if step == 0:  # checked once: a wait for the device at every token would slow it
+                check_finite_logits(logits[:, -1])
             next_token = sample(logits[:, -1])  # (B,)
             if eot_token is not None:
                 next_token = next_token.masked_fill(finished, eot_token)  # finished rows stay
@@ -130,6 +132,7 @@ def sample_next_token(
 ) -> Tensor:
     """One token id (B,) drawn from next-token logits (B, V), as ``generate`` describes."""
     check_sampling(temperature, top_k, top_p)
+    check_finite_logits(logits)
     return _sample(logits, temperature, top_k, top_p, generator)
 
 
@@ -145,8 +148,10 @@ def _sample(
         return logits.argmax(dim=-1)
     # Sample in float32 even for a bf16 model: low-precision probabilities round small ones to 0.
     # Less the row's largest first: divided by a tiny temperature, the logits would overflow to
-    # inf (and softmax give NaN); so, at most 0, they only fall to -inf.
+    # inf (and softmax give NaN); so, at most 0, they only fall to -inf. A temperature below
+    # float32's smallest number would round to 0 there (0 / 0): the smallest is as greedy.
     logits = logits.float()
+    temperature = max(temperature, torch.finfo(torch.float32).smallest_normal)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         logits = keep_top_k(logits, top_k)
@@ -154,6 +159,17 @@ def _sample(
         logits = keep_top_p(logits, top_p)
     probs = torch.softmax(logits, dim=-1)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def check_finite_logits(logits: Tensor) -> None:
+    """Raise a one-line ValueError for logits with inf or NaN in them: from a model whose weights
+    overflow in its dtype (float16, say) or are broken, argmax would pick garbage silently and
+    multinomial fail deep inside torch. (It waits for the device.)"""
+    if not torch.isfinite(logits).all():
+        raise ValueError(
+            f"the model's next-token logits are not all finite (inf or NaN) in {logits.dtype}: "
+            "its weights overflow in that dtype (run it in float32) or are broken"
+        )
 
 
 def keep_top_k(logits: Tensor, k: int) -> Tensor:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm.model import GPTConfig, check_token_id
+from llm.model import GPT, GPTConfig, check_token_id
 
 # Each block's weights: (our name, GPT-2's name, whether GPT-2 stores it transposed).
 BLOCK_WEIGHTS: list[tuple[str, str, bool]] = [
@@ -172,6 +172,21 @@ def from_hf_state_dict(hf_state: dict[str, Tensor], config: GPTConfig) -> dict[s
         raise ValueError(
             f"GPT-2 weights hold {len(unexpected)} tensors that its config has no place for, "
             f"such as {unexpected[0]}"
+        )
+    # Shapes checked before any transposing or padding, which would fail on a tensor of another
+    # rank, and as GPT-2 stores them: (V, C) tables, Conv1D weights as (in, out).
+    with torch.device("meta"):  # no memory, no initialisation
+        shapes = {name: list(t.shape) for name, t in GPT(config).state_dict().items()}
+    wrong = []
+    for name, (theirs, transposed) in names.items():
+        want = [config.vocab_size, *shapes[name][1:]] if name in VOCAB_WEIGHTS else shapes[name]
+        want = tuple(reversed(want) if transposed else want)
+        if tuple(hf[theirs].shape) != want:
+            wrong.append(f"{theirs} has shape {tuple(hf[theirs].shape)}, not {want}")
+    if wrong:
+        raise ValueError(
+            f"GPT-2 weights do not fit their config: {wrong[0]}"
+            + (f" ({len(wrong)} tensors do not fit)" if len(wrong) > 1 else "")
         )
     ours = {}
     for name, (theirs, transposed) in names.items():

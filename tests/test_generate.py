@@ -78,9 +78,21 @@ def test_temperature_sharpens_or_flattens_and_zero_is_greedy_whatever_else_is_se
     assert 400 < int((hot == 1).sum()) < 600  # e^0.01 to 1: close to a coin flip
     frozen = sample_next_token(logits * 1e6, temperature=1e-45, generator=seeded())
     assert (frozen == 1).all()  # divided, the logits would be inf, and their softmax NaN
+    frozen = sample_next_token(logits, temperature=1e-46, generator=seeded())
+    assert (frozen == 1).all()  # 0 in float32: the logits would be 0 / 0
     model, idx = tiny_model(), prompt(batch=2)
     greedy = generate_tokens(model, idx, 10, temperature=0)
     assert torch.equal(generate_tokens(model, idx, 10, temperature=0, top_k=5, top_p=0.5), greedy)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logits_that_overflow_are_refused_not_sampled(temperature):
+    model, idx = tiny_model(), prompt()
+    with torch.no_grad():
+        model.token_embedding.weight.mul_(1e6)  # fits float32, overflows float16
+    generate_tokens(model, idx, 2, temperature=temperature, generator=seeded())
+    with pytest.raises(ValueError, match=r"not all finite \(inf or NaN\) in torch.float16: its"):
+        generate_tokens(model.half(), idx, 2, temperature=temperature, generator=seeded())
 
 
 def test_top_k_1_equals_greedy():

@@ -3,6 +3,7 @@
 Models are built from small random ``GPT2Config``s: nothing is downloaded.
 """
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -157,6 +158,24 @@ def test_missing_or_extra_gpt2_weights_are_named():
     del hf_state["transformer.h.0.mlp.c_fc.bias"]
     with pytest.raises(ValueError, match=r"lack 1 tensors, such as transformer\.h\.0\.mlp\.c_fc"):
         from_hf_state_dict(hf_state, config)
+
+
+def test_gpt2_weights_of_the_wrong_shape_are_named_as_gpt2_stores_them():
+    hf_model = random_hf_model(SIZES[2])
+    config = from_hf_config(hf_model.config.to_dict())
+    hf_state = dict(hf_model.state_dict())
+    wte, c_attn = hf_state["transformer.wte.weight"], hf_state["transformer.h.0.attn.c_attn.weight"]
+    for name, tensor, message in (
+        ("transformer.wte.weight", wte[:, 0], f"wte.weight has shape ({len(wte)},), not "),
+        ("transformer.h.0.attn.c_attn.weight", c_attn[None], "c_attn.weight has shape (1, "),
+        (
+            "transformer.wte.weight",
+            wte[:-1],
+            f"shape {tuple(wte[:-1].shape)}, not {tuple(wte.shape)}",
+        ),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            from_hf_state_dict({**hf_state, name: tensor}, config)
 
 
 @pytest.mark.parametrize(
