@@ -180,17 +180,25 @@ def save_hf(
         _check_tokenizer_to_save(tokenizer)
     check_folder(folder, "save_hf's folder")
     folder = Path(folder)
+    for name in ("model.safetensors", "config.json"):
+        if (folder / name).is_dir():
+            raise ValueError(f"cannot write {folder / name}: it is a folder; move it away")
     weights = to_hf_state_dict(_weights(model), model.config)
     hf_config = to_hf_config(model.config, eot_token)
     if tokenizer is not None and tokenizer != GPT2_TOKENIZER:
         hf_config[HF_TOKENIZER_KEY] = dict(tokenizer)
     config = json.dumps(hf_config, indent=2)
-    # transformers only reads safetensors files whose metadata says they hold torch tensors.
-    with made_folder(folder):
-        with atomic_path(folder / "model.safetensors") as tmp:
-            save_file(weights, tmp, {"format": "pt"})
-        with atomic_path(folder / "config.json") as tmp:
-            tmp.write_text(config + "\n")
+    # Both written in full before either replaces the folder's old pair, and renamed one right
+    # after the other: an error or Ctrl-C leaves the old pair (weights of one model under the
+    # config of another would not load). transformers only reads safetensors files whose
+    # metadata says they hold torch tensors.
+    with (
+        made_folder(folder),
+        atomic_path(folder / "config.json") as config_tmp,
+        atomic_path(folder / "model.safetensors") as weights_tmp,
+    ):
+        save_file(weights, weights_tmp, {"format": "pt"})
+        config_tmp.write_text(config + "\n")
 
 
 def read_training_checkpoint(

@@ -365,6 +365,25 @@ def test_saves_go_where_the_file_system_finds_their_path(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["hf", "out"] and os.listdir("hf") == ["gpt2"]
 
 
+def test_a_hugging_face_export_replaces_the_folders_pair_whole_or_not_at_all(tmp_path, monkeypatch):
+    old, new = tiny_model(), tiny_model(n_layer=1)
+    save_hf(old, tmp_path / "hf")
+
+    def interrupted(self: Path, *args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C once the weights are written, at the config
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "write_text", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            save_hf(new, tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    assert same_logits(old, load_model(tmp_path / "hf")[0])  # the old pair, both
+    (tmp_path / "other" / "config.json").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"other/config\.json: it is a folder; move it away"):
+        save_hf(new, tmp_path / "other")
+    assert os.listdir(tmp_path / "other") == ["config.json"]  # no weights beside it
+
+
 def test_checkpoint_readers_take_string_paths_and_refuse_unusable_devices(tmp_path):
     write_training_checkpoint(tiny_model(), tmp_path / "run.ckpt")
     assert training_checkpoint_summary(str(tmp_path / "run.ckpt")).step == 7
