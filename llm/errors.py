@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import select
@@ -12,11 +13,13 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
 import hydra
 import torch
+from hydra._internal.utils import get_args_parser
 from hydra.errors import ConfigCompositionException, InstantiationException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -201,13 +204,35 @@ def composition_error(error: ConfigCompositionException | OverrideParseException
     return " ".join(sentence(line) for line in lines)
 
 
-def run_hydra_main(main: Callable[[], object]) -> None:
+def run_hydra_main(main: Callable[[], object], sweeps: bool = True) -> None:
     """Run a ``@hydra.main`` function with every expected error in one line, Hydra's own
     included: Hydra prints those in many lines unless ``HYDRA_FULL_ERROR=1`` has it raise them
-    (a bug then keeps its whole traceback)."""
+    (a bug then keeps its whole traceback). Without ``sweeps``, ``--multirun`` is refused: Hydra
+    writes a sweep's ``multirun/`` folder before any job runs."""
     os.environ["HYDRA_FULL_ERROR"] = "1"
     with one_line_errors():
+        arguments = hydra_command_line()
+        if arguments.multirun and not sweeps:
+            raise ValueError(
+                f"{Path(sys.argv[0]).name} runs no sweeps (--multirun would write Hydra's "
+                "multirun/ folder): run it once for each value"
+            )
         main()
+
+
+def hydra_command_line() -> argparse.Namespace:
+    """The command line as ``@hydra.main`` reads it, read first here: Hydra's parser prints its
+    whole usage for a flag it does not know; here that is a one-line ValueError."""
+    parser = get_args_parser()
+    prog = Path(sys.argv[0]).name
+
+    def refuse(message: str) -> NoReturn:
+        # Hydra takes one run of key=value overrides: another after a flag is not read.
+        hint = "give the flags (-m, --cfg, ...) before or after all the key=value overrides"
+        raise ValueError(f"{prog}: {message}: " + (hint if "=" in message else "see --help"))
+
+    parser.error = refuse  # type: ignore[method-assign]
+    return parser.parse_args()
 
 
 def fail(message: str) -> NoReturn:

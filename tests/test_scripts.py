@@ -39,6 +39,12 @@ CASES = [
     ("prepare_data.py", ["missing.txt", "--tokenizer", "bytes"], "not found"),
     ("generate.py", ["checkpoint=missing.ckpt", "prompt=Hi"], "model file missing.ckpt"),
     ("generate.py", ["temperatur=0", "prompt=Hi"], "Key 'temperatur' is not in struct"),
+    ("generate.py", ["-m", "prompt=Hi", "seed=1,2"], "runs no sweeps (--multirun would write"),
+    (
+        "generate.py",
+        ["prompt=Hi", "--cfg", "job", "seed=1"],
+        "unrecognized arguments: seed=1: give the flags (-m, --cfg, ...) before or after all",
+    ),
 ]
 
 
