@@ -428,7 +428,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0) -> None:
         super().__init__()
         if head_dim % 2:
-            raise ValueError(f"RoPE rotates pairs of dimensions: head size {head_dim} is odd.")
+            raise ValueError(
+                f"RoPE rotates pairs of dimensions: head size {head_dim} (d_out / num_heads) is "
+                "odd; choose sizes that make it even"
+            )
         _check_positive("max_positions", max_positions)
         if not is_positive_finite(theta):
             raise ValueError(f"RoPE's theta must be a positive finite number, got {theta!r}.")

@@ -327,10 +327,8 @@ def _read_hf_folder(
     folder: Path, weights: bool
 ) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
     config_file, weights_file = folder / "config.json", folder / "model.safetensors"
-    if not config_file.is_file() or not weights_file.is_file():
-        raise ValueError(
-            f"{folder} is a folder without config.json and model.safetensors; give {ACCEPTED}"
-        )
+    if missing := [file.name for file in (config_file, weights_file) if not file.is_file()]:
+        raise ValueError(f"{folder} is a folder without {' and '.join(missing)}; give {ACCEPTED}")
     try:
         hf_config = json.loads(config_file.read_text())
         hf_state = load_file(weights_file) if weights else {}

@@ -70,8 +70,8 @@ def read_prompt(cfg: DictConfig) -> str:
     if cfg.prompt_file is None:
         raise ValueError('no prompt: give prompt="...", prompt_file=PATH, or pipe text to stdin')
     path = Path(str(cfg.prompt_file))
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt_file {path} not found, or not a file")
+    if not path.exists() or path.is_dir():  # a pipe (prompt_file=<(...)) is read as a file
+        raise FileNotFoundError(f"prompt_file {path} not found, or a folder")
     return decoded(path.read_bytes(), f"prompt_file {path}")
 
 

@@ -86,6 +86,9 @@ def test_hugging_face_folder_loads_with_the_gpt2_tokenizer(tmp_path, tie_embeddi
     assert tokenizer == {"name": "gpt2", "path": None}
     assert loaded.config == model.config
     assert same_logits(model, loaded)
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"hf is a folder without model\.safetensors; give"):
+        load_model(tmp_path / "hf")
 
 
 def test_hugging_face_folder_keeps_a_tokenizer_other_than_gpt2s(tmp_path):

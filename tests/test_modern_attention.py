@@ -173,7 +173,7 @@ def test_rope_scores_depend_only_on_the_distance():
 
 
 def test_rope_needs_an_even_head_size():
-    with pytest.raises(ValueError, match="head size 7 is odd"):
+    with pytest.raises(ValueError, match=r"head size 7 \(d_out / num_heads\) is odd"):
         RotaryEmbedding(head_dim=7, max_positions=8)
 
 

@@ -1,8 +1,10 @@
 """Every script answers bad input with one line naming the problem, never a traceback."""
 
+import os
 import runpy
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,22 @@ def test_generate_refuses_bad_settings_before_loading(overrides, message):
     with pytest.raises(ValueError) as refused:
         run(cfg)
     assert message in str(refused.value)
+
+
+def test_generate_reads_a_prompt_file_that_is_a_pipe(tmp_path):
+    read_prompt = runpy.run_path(str(ROOT / "scripts" / "generate.py"), run_name="imported")[
+        "read_prompt"
+    ]
+    pipe = tmp_path / "pipe"  # as the shell's prompt_file=<(echo ...) gives /dev/fd/N
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_text, args=("Héllo",))
+    writer.start()
+    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+        from_pipe, from_folder = (
+            compose("generate", ["checkpoint=model.ckpt", f"prompt_file={path}"])
+            for path in (pipe, tmp_path)
+        )
+    assert read_prompt(from_pipe) == "Héllo"
+    writer.join()
+    with pytest.raises(FileNotFoundError, match="not found, or a folder"):
+        read_prompt(from_folder)
