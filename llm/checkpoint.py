@@ -18,6 +18,7 @@ the same folder, renamed into place once complete, so a failed save never leaves
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -274,7 +275,9 @@ def _load_training_checkpoint(path: Path, wanted: str) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as err:  # torch.load raises whatever the unpickler or zip reader raises
-        reason = first_line(err).split(". ")[0]  # torch's zip errors go on for a paragraph
+        # torch's zip errors go on for a paragraph, some after a tag of its C++ source.
+        reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first_line(err))
+        reason = reason.split(". ")[0]
         raise ValueError(
             f"{path} could not be read as a training checkpoint ({reason}); is it truncated "
             f"or corrupt? Give {wanted}"
@@ -402,6 +405,11 @@ def model_from_weights(config: GPTConfig, state_dict: dict[str, Tensor], source:
         f"{name} has shape {tuple(state_dict[name].shape)}, not {tuple(want.shape)}"
         for name, want in expected.items()
         if name in state_dict and state_dict[name].shape != want.shape
+    ]
+    problems += [  # cast to float32 below, integers or booleans would pass as weights
+        f"{name} holds {t.dtype}, not floating-point numbers"
+        for name, t in state_dict.items()
+        if name in expected and not t.is_floating_point()
     ]
     if problems:
         raise ValueError(

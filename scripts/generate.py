@@ -118,11 +118,13 @@ def run(cfg: DictConfig) -> None:
         )
         stream = TextStream(tokenizer, tokens)
         print(prompt, end="", flush=True)
-        for piece in stream:
-            if first is None:
-                first = (stream.num_tokens, time.perf_counter())  # (tokens, when)
-            print(piece, end="", flush=True)
-        print()
+        try:
+            for piece in stream:
+                if first is None:
+                    first = (stream.num_tokens, time.perf_counter())  # (tokens, when)
+                print(piece, end="", flush=True)
+        finally:
+            print(flush=True)  # the line ends, also where an error cuts the text short
         num_tokens += stream.num_tokens
     if cfg.show_speed:
         end = time.perf_counter()

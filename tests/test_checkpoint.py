@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,15 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     torch.save(checkpoint, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match=r"do not fit the model's config .*missing blocks\.2"):
         load_model(tmp_path / "bad.ckpt")
+    checkpoint["hyper_parameters"]["model"]["n_layer"] = 2
+    checkpoint["state_dict"]["model.final_norm.weight"] = torch.ones(16, dtype=torch.long)
+    torch.save(checkpoint, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=r"final_norm\.weight holds torch\.int64, not floating"):
+        load_model(tmp_path / "bad.ckpt")
+    with zipfile.ZipFile(tmp_path / "other.ckpt", "w") as archive:  # a zip, not torch's
+        archive.writestr("notes.txt", "hi")
+    with pytest.raises(ValueError, match=r"checkpoint \(file in archive is not in a subdir"):
+        load_model(tmp_path / "other.ckpt")
 
 
 def test_weights_of_other_shapes_or_names_are_refused_and_the_rest_load_as_float32():
