@@ -38,7 +38,13 @@ from llm.hf import (
     to_hf_state_dict,
 )
 from llm.model import GPT, GPTConfig, own_parameter_name
-from llm.tokenizer import MODEL_NAMED, Tokenizer, TokenizerOptions, load_tokenizer
+from llm.tokenizer import (
+    MODEL_NAMED,
+    Tokenizer,
+    TokenizerOptions,
+    check_tokenizer_spec,
+    load_tokenizer,
+)
 
 ACCEPTED = (
     "a training checkpoint (.ckpt), a .safetensors model saved by llm, or a Hugging Face "
@@ -367,6 +373,10 @@ def _is_tokenizer_spec(spec: Any) -> bool:
     )
 
 
+# The keys of a tokenizer spec given to save_model and save_hf, for the fixes errors suggest.
+SPEC_KEYS = TokenizerOptions(name="tokenizer['name']", path="tokenizer['path']")
+
+
 def _check_tokenizer_to_save(spec: Any) -> None:
     """Refuse, before anything is written, a tokenizer spec that loading would refuse."""
     if not _is_tokenizer_spec(spec):
@@ -374,6 +384,7 @@ def _check_tokenizer_to_save(spec: Any) -> None:
             f"tokenizer must be a spec such as {GPT2_TOKENIZER!r}, as load_model returns it, "
             f"got {spec!r}"
         )
+    check_tokenizer_spec(spec["name"], spec.get("path"), SPEC_KEYS)
 
 
 def _tokenizer_spec(spec: Any, source: Path) -> dict[str, Any]:

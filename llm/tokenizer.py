@@ -156,6 +156,25 @@ def load_tokenizer(
     ranks prepares data that matches data prepared with the downloaded ``gpt2``). ``options``
     names the settings that errors suggest.
     """
+    check_tokenizer_spec(name, path, options)
+    if path is not None:
+        return Tokenizer(_encoding_from_ranks_file(Path(path), name, options))
+    if name == "bytes":
+        return Tokenizer(_bytes_encoding())
+    try:
+        return Tokenizer(tiktoken.get_encoding(name))
+    except Exception as err:  # tiktoken raises whatever its HTTP client or cache raises
+        raise TokenizerError(
+            f"could not download the {name!r} tokenizer ({type(err).__name__}: {err}); "
+            f"offline, {_offline_choice(name, options)}"
+        ) from None
+
+
+def check_tokenizer_spec(
+    name: str, path: str | Path | None = None, options: TokenizerOptions = CONFIG_KEYS
+) -> None:
+    """Raise a one-line TokenizerError for a ``name`` and ``path`` that ``load_tokenizer`` would
+    refuse before reading any file or downloading anything; ``options`` as there."""
     if path is not None:
         if name == "bytes":  # the file would be read, and labelled "bytes"
             name_it = options.name and options.setting(options.name, "gpt2")
@@ -171,10 +190,7 @@ def load_tokenizer(
                 f"drop {options.path} and {_offline_choice(name, options)}"
                 + (f" (a BPE of your own: give it a name of its own, {own_bpe})" if own_bpe else "")
             )
-        return Tokenizer(_encoding_from_ranks_file(Path(path), name, options))
-    if name == "bytes":
-        return Tokenizer(_bytes_encoding())
-    if name not in tiktoken.list_encoding_names():
+    elif name != "bytes" and name not in tiktoken.list_encoding_names():
         ranks_file = options.setting(options.path, "/path/to/file.tiktoken")
         if options.name is None:  # a model named it: only its ranks file can stand in
             raise TokenizerError(
@@ -186,13 +202,6 @@ def load_tokenizer(
             f"unknown tokenizer {name!r}: use one of {known}, or a local ranks file with "
             f"{ranks_file}"
         )
-    try:
-        return Tokenizer(tiktoken.get_encoding(name))
-    except Exception as err:  # tiktoken raises whatever its HTTP client or cache raises
-        raise TokenizerError(
-            f"could not download the {name!r} tokenizer ({type(err).__name__}: {err}); "
-            f"offline, {_offline_choice(name, options)}"
-        ) from None
 
 
 def _offline_choice(name: str, options: TokenizerOptions) -> str:

@@ -334,11 +334,21 @@ def test_a_hugging_face_folder_of_another_vocabulary_says_where_to_name_its_toke
 
 
 @pytest.mark.parametrize(
-    ("save", "spec"),
-    [(save_model, None), (save_model, "bytes"), (save_hf, {"name": "bytes", "vocab": 257})],
+    ("save", "spec", "message"),
+    [
+        (save_model, None, r"tokenizer must be a spec such as \{'name': 'gpt2'"),
+        (save_model, "bytes", r"tokenizer must be a spec such as \{'name': 'gpt2'"),
+        (save_hf, {"name": "bytes", "vocab": 257}, r"tokenizer must be a spec such as"),
+        (
+            save_model,  # the bytes tokenizer has no ranks file: loading it would refuse the path
+            {"name": "bytes", "path": "gpt2.tiktoken"},
+            r"the bytes tokenizer has no ranks file: drop tokenizer\['path'\], or name",
+        ),
+        (save_hf, {"name": "nosuch", "path": None}, r"unknown tokenizer 'nosuch': use one of"),
+    ],
 )
-def test_a_tokenizer_spec_that_loading_would_refuse_is_not_saved(tmp_path, save, spec):
-    with pytest.raises(ValueError, match=r"tokenizer must be a spec such as \{'name': 'gpt2'"):
+def test_a_tokenizer_spec_that_loading_would_refuse_is_not_saved(tmp_path, save, spec, message):
+    with pytest.raises(ValueError, match=message):
         save(tiny_model(), tmp_path / "model", tokenizer=spec)
     assert list(tmp_path.iterdir()) == []
 
