@@ -29,7 +29,7 @@ from torch import Tensor
 
 from llm.attention import RotaryEmbedding
 from llm.errors import first_line
-from llm.files import atomic_path, check_file, check_folder, made_folder
+from llm.files import atomic_path, atomic_paths, check_file, check_folder
 from llm.hf import (
     check_exportable,
     from_hf_config,
@@ -195,15 +195,11 @@ def save_hf(
     if tokenizer is not None and tokenizer != GPT2_TOKENIZER:
         hf_config[HF_TOKENIZER_KEY] = dict(tokenizer)
     config = json.dumps(hf_config, indent=2)
-    # Both written in full before either replaces the folder's old pair, and renamed one right
-    # after the other: an error or Ctrl-C leaves the old pair (weights of one model under the
-    # config of another would not load). transformers only reads safetensors files whose
-    # metadata says they hold torch tensors.
-    with (
-        made_folder(folder),
-        atomic_path(folder / "config.json") as config_tmp,
-        atomic_path(folder / "model.safetensors") as weights_tmp,
-    ):
+    # The two as a pair (atomic_paths): weights of one model under the config of another would
+    # not load. transformers only reads safetensors files whose metadata says they hold torch
+    # tensors.
+    pair = (folder / "model.safetensors", folder / "config.json")
+    with atomic_paths(*pair) as (weights_tmp, config_tmp):
         save_file(weights, weights_tmp, {"format": "pt"})
         config_tmp.write_text(config + "\n")
 

@@ -212,7 +212,12 @@ def run_hydra_main(main: Callable[[], object], sweeps: bool = True) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     with one_line_errors():
         arguments = hydra_command_line()
-        if arguments.multirun and not sweeps:
+        # --cfg, --info and --help only print, even with -m.
+        runs = not (arguments.cfg or arguments.info or arguments.help or arguments.hydra_help)
+        multirun = arguments.multirun or any(
+            re.fullmatch(r"[+~]*hydra\.mode=MULTIRUN", override) for override in arguments.overrides
+        )
+        if multirun and runs and not sweeps:
             raise ValueError(
                 f"{Path(sys.argv[0]).name} runs no sweeps (--multirun would write Hydra's "
                 "multirun/ folder): run it once for each value"
@@ -228,8 +233,14 @@ def hydra_command_line() -> argparse.Namespace:
 
     def refuse(message: str) -> NoReturn:
         # Hydra takes one run of key=value overrides: another after a flag is not read.
+        unread = message.removeprefix("unrecognized arguments: ").split()
+        overrides_after_a_flag = message.startswith("unrecognized arguments: ") and all(
+            "=" in argument and not argument.startswith("-") for argument in unread
+        )
         hint = "give the flags (-m, --cfg, ...) before or after all the key=value overrides"
-        raise ValueError(f"{prog}: {message}: " + (hint if "=" in message else "see --help"))
+        raise ValueError(
+            f"{prog}: {message}: " + (hint if overrides_after_a_flag else "see --help")
+        )
 
     parser.error = refuse  # type: ignore[method-assign]
     return parser.parse_args()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 
@@ -16,22 +16,41 @@ def atomic_path(path: Path) -> Iterator[Path]:
     completes. It lies beside ``path`` (the same file system, so the rename is atomic) and is
     deleted on any error or Ctrl-C: ``path`` is always whole, old or new, or absent, and so are
     the folders made for it (``made_folder``)."""
+    with atomic_paths(path) as (tmp,):
+        yield tmp
+
+
+@contextmanager
+def atomic_paths(*paths: Path) -> Iterator[list[Path]]:
+    """``atomic_path`` for files that belong together: every one is written and on the disk
+    before the first is renamed into place, and the renames follow one another, so an error or
+    Ctrl-C while writing leaves every old file as it was."""
     # The folder as the file system finds it: in ``missing/../name`` the file goes in the current
     # folder, where the temporary file is made, not in ``missing``.
-    path = path.parent.resolve() / path.name
-    with made_folder(path.parent):
-        descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(descriptor)
+    paths = tuple(path.parent.resolve() / path.name for path in paths)
+    tmps: list[Path] = []
+    with ExitStack() as folders:
+        for path in paths:
+            folders.enter_context(made_folder(path.parent))
         try:
-            yield Path(tmp)
-            # mkstemp makes the file private, and a writer may have replaced it; what llm writes
-            # is for everyone to read.
-            os.chmod(tmp, 0o644)
-            with open(tmp, "rb") as written:  # on the disk before the rename, or a crash could
-                os.fsync(written.fileno())  # leave the new name on an empty file
-            os.replace(tmp, path)
+            for path in paths:
+                descriptor, tmp = tempfile.mkstemp(
+                    dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+                )
+                os.close(descriptor)
+                tmps.append(Path(tmp))
+            yield list(tmps)
+            for tmp in tmps:
+                # mkstemp makes the file private, and a writer may have replaced it; what llm
+                # writes is for everyone to read.
+                os.chmod(tmp, 0o644)
+                with open(tmp, "rb") as written:  # on the disk before the rename, or a crash
+                    os.fsync(written.fileno())  # could leave the new name on an empty file
+            for tmp, path in zip(tmps, paths, strict=True):
+                os.replace(tmp, path)
         finally:
-            Path(tmp).unlink(missing_ok=True)  # gone already if renamed
+            for tmp in tmps:
+                tmp.unlink(missing_ok=True)  # gone already if renamed
 
 
 def link_atomically(source: Path, path: Path) -> None:

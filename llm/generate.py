@@ -85,10 +85,13 @@ def _generate(
     window = idx  # (B, W): the last W tokens of the text, the ones the model conditions on
     caches: list[KVCache] | None = None  # hold the keys and values of window[:, :-1]
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,)
+    # Whether any step's logits held inf or NaN, kept on the device: read where generation
+    # waits for the device anyway (a stop at end-of-text, the end), not at every token.
+    nonfinite = torch.zeros((), dtype=torch.bool, device=idx.device)
     was_training = model.training
     model.eval()
     try:
-        for step in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             if window.size(1) > context_length:
                 window = window[:, -max(1, context_length // 2) :]  # slide: crop and rebuild
                 caches = None
@@ -100,16 +103,23 @@ def _generate(
                     logits, _ = model(window, kv_caches=caches)  # prefill the window at once
                 else:
                     logits, _ = model(window[:, -1:], kv_caches=caches)  # the newest token
-            if step == 0:  # checked once: a wait for the device at every token would slow it
-                check_finite_logits(logits[:, -1])
+            nonfinite |= ~torch.isfinite(logits[:, -1]).all()
             next_token = sample(logits[:, -1])  # (B,)
+            done = False
             if eot_token is not None:
                 next_token = next_token.masked_fill(finished, eot_token)  # finished rows stay
                 finished |= next_token == eot_token
+                # The one wait for the device a token, which only a stop at end-of-text needs;
+                # before the token goes out, so that no token of broken logits does.
+                done, broken = torch.stack([finished.all(), nonfinite]).tolist()
+                if broken:
+                    raise nonfinite_logits_error(logits.dtype)
             yield next_token
-            if eot_token is not None and finished.all():  # waits for the device: only if needed
+            if done:
                 return
             window = torch.cat([window, next_token[:, None]], dim=1)
+        if nonfinite:  # without end-of-text: once, at the end
+            raise nonfinite_logits_error(logits.dtype)
     finally:
         model.train(was_training)
 
@@ -150,7 +160,9 @@ def _sample(
     # Less the row's largest first: divided by a tiny temperature, the logits would overflow to
     # inf (and softmax give NaN); so, at most 0, they only fall to -inf. A temperature below
     # float32's smallest number would round to 0 there (0 / 0): the smallest is as greedy.
-    logits = logits.float()
+    # NaN and inf made finite, so that sampling never fails on the device (CUDA's multinomial
+    # would assert): generate reports such logits itself.
+    logits = torch.nan_to_num(logits.float())
     temperature = max(temperature, torch.finfo(torch.float32).smallest_normal)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
@@ -166,10 +178,14 @@ def check_finite_logits(logits: Tensor) -> None:
     overflow in its dtype (float16, say) or are broken, argmax would pick garbage silently and
     multinomial fail deep inside torch. (It waits for the device.)"""
     if not torch.isfinite(logits).all():
-        raise ValueError(
-            f"the model's next-token logits are not all finite (inf or NaN) in {logits.dtype}: "
-            "its weights overflow in that dtype (run it in float32) or are broken"
-        )
+        raise nonfinite_logits_error(logits.dtype)
+
+
+def nonfinite_logits_error(dtype: torch.dtype) -> ValueError:
+    return ValueError(
+        f"the model's next-token logits are not all finite (inf or NaN) in {dtype}: its weights "
+        "overflow in that dtype (run it in float32) or are broken"
+    )
 
 
 def keep_top_k(logits: Tensor, k: int) -> Tensor:

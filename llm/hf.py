@@ -179,7 +179,12 @@ def from_hf_state_dict(hf_state: dict[str, Tensor], config: GPTConfig) -> dict[s
         shapes = {name: list(t.shape) for name, t in GPT(config).state_dict().items()}
     wrong = []
     for name, (theirs, transposed) in names.items():
-        want = [config.vocab_size, *shapes[name][1:]] if name in VOCAB_WEIGHTS else shapes[name]
+        if name not in shapes:  # a bias the model leaves out: one per output of its layer
+            want = shapes[name.removesuffix("bias") + "weight"][:1]
+        elif name in VOCAB_WEIGHTS:
+            want = [config.vocab_size, *shapes[name][1:]]
+        else:
+            want = shapes[name]
         want = tuple(reversed(want) if transposed else want)
         if tuple(hf[theirs].shape) != want:
             wrong.append(f"{theirs} has shape {tuple(hf[theirs].shape)}, not {want}")

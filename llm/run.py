@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.fabric.plugins.environments import (
     LSFEnvironment,
     SLURMEnvironment,
@@ -262,6 +262,28 @@ PROGRESS_BAR_CHECK: Check = (
 )
 
 
+def check_tensorboard_logger_keys(logger: DictConfig) -> None:
+    """Refuse a key that a TensorBoardLogger (Lightning's, or a subclass) does not take. It hands
+    such keys to its SummaryWriter, which would refuse a misspelt one only when the run first
+    logs, as a riddle ("you tried to log -1"). Other loggers are left to their own checks."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.tensorboard import SummaryWriter
+
+    try:
+        logger_class = get_class(str(logger.get("_target_")))
+    except Exception:  # building the logger reports a target it cannot import
+        return
+    if not (isinstance(logger_class, type) and issubclass(logger_class, TensorBoardLogger)):
+        return
+    takes = {  # but log_dir, which the logger sets itself
+        name
+        for taker in (logger_class, TensorBoardLogger, SummaryWriter)
+        for name, parameter in signature(taker).parameters.items()
+        if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    }
+    check_known_keys(logger, takes - {"log_dir"} | {"_target_"}, "logger.")
+
+
 def validate(cfg: DictConfig, warn: bool = True) -> None:
     """Fail before any work, with one line naming the key and the fix, on an impossible value;
     with ``warn``, log what is allowed but rarely meant."""
@@ -280,6 +302,8 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
         )
     if OmegaConf.select(cfg, "callbacks.progress_bar") is not None:  # read only in training
         check_values(cfg, [PROGRESS_BAR_CHECK])
+    if isinstance(cfg.get("logger"), DictConfig):
+        check_tensorboard_logger_keys(cfg.logger)
     if not cfg.data.get("source"):
         raise ValueError(
             "data.source is not set: give a text file, a folder or a glob, "
@@ -588,19 +612,6 @@ def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     return "bf16-mixed" if has_fast_bf16("cuda" if on_gpu else "cpu") else "32-true"
 
 
-def tensorboard_logger_settings() -> set[str]:
-    """What Lightning's TensorBoardLogger reads: its own arguments, and those of the
-    SummaryWriter that it hands every other key to (but ``log_dir``, which it sets itself) when
-    it first logs, where an unknown key would fail as a riddle."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from torch.utils.tensorboard import SummaryWriter
-
-    arguments = set(signature(TensorBoardLogger).parameters) | set(
-        signature(SummaryWriter).parameters
-    )
-    return arguments - {"kwargs", "log_dir"} | {"_target_"}
-
-
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Check ``cfg`` and build from it the datamodule, the module and the trainer with its
     callbacks and logger. Nothing is prepared or trained yet."""
@@ -631,7 +642,6 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     # text; checkpoints have a default one.
     if str(OmegaConf.select(cfg, "logger._target_")).endswith("TensorBoardLogger"):
         check_values(cfg, [("logger.save_dir", (str,), bool, "a folder for the logs, as text")])
-        check_known_keys(cfg.logger, tensorboard_logger_settings(), "logger.")
     for setting in ("logger.save_dir", "callbacks.checkpoint.dirpath"):
         if (folder := OmegaConf.select(cfg, setting)) is not None:
             check_folder(folder, setting)

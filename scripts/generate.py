@@ -120,8 +120,8 @@ def run(cfg: DictConfig) -> None:
         print(prompt, end="", flush=True)
         try:
             for piece in stream:
-                if first is None:
-                    first = (stream.num_tokens, time.perf_counter())  # (tokens, when)
+                if first is None:  # (tokens of every sample so far, when)
+                    first = (num_tokens + stream.num_tokens, time.perf_counter())
                 print(piece, end="", flush=True)
         finally:
             print(flush=True)  # the line ends, also where an error cuts the text short

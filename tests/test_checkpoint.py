@@ -395,12 +395,23 @@ def test_a_hugging_face_export_replaces_the_folders_pair_whole_or_not_at_all(tmp
     def interrupted(self: Path, *args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt  # Ctrl-C once the weights are written, at the config
 
-    with monkeypatch.context() as patched:
-        patched.setattr(Path, "write_text", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            save_hf(new, tmp_path / "hf")
-    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
-    assert same_logits(old, load_model(tmp_path / "hf")[0])  # the old pair, both
+    syncs: list[int] = []
+
+    def fails_second(descriptor: int) -> None:  # the disk refuses the second file's sync
+        syncs.append(descriptor)
+        if len(syncs) == 2:
+            raise OSError(5, "Input/output error")
+
+    for target, name, replacement, error in (
+        (Path, "write_text", interrupted, KeyboardInterrupt),
+        (os, "fsync", fails_second, OSError),
+    ):
+        with monkeypatch.context() as patched:
+            patched.setattr(target, name, replacement)
+            with pytest.raises(error):
+                save_hf(new, tmp_path / "hf")
+        assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+        assert same_logits(old, load_model(tmp_path / "hf")[0])  # the old pair, both
     (tmp_path / "other" / "config.json").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"other/config\.json: it is a folder; move it away"):
         save_hf(new, tmp_path / "other")

@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from llm.errors import one_line_errors, sentence
+from llm.errors import one_line_errors, run_hydra_main, sentence
 
 
 def test_running_out_of_memory_is_one_line_and_other_runtime_errors_are_bugs(capsys):
@@ -89,3 +89,41 @@ def test_a_message_ends_as_a_sentence_unless_it_ends_in_punctuation():
         "a list:",
         "done.",
     ]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "sweeps", "message"),
+    [
+        (["--bogus"], True, "error: generate.py: unrecognized arguments: --bogus: see --help"),
+        (  # Hydra takes one run of overrides: another after a flag is not read
+            ["prompt=Hi", "--cfg", "job", "seed=1"],
+            True,
+            "unrecognized arguments: seed=1: give the flags (-m, --cfg, ...) before or after all",
+        ),
+        (["--config_name=x"], True, "unrecognized arguments: --config_name=x: see --help"),
+        (["-m", "seed=1,2"], False, "error: generate.py runs no sweeps (--multirun would write"),
+        (["seed=1,2", "hydra.mode=MULTIRUN"], False, "generate.py runs no sweeps"),
+    ],
+)
+def test_hydras_command_line_is_read_in_one_line_before_hydra_writes_anything(
+    arguments, sweeps, message, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["generate.py", *arguments])
+    ran = []
+    with pytest.raises(SystemExit) as exited:
+        run_hydra_main(lambda: ran.append(True), sweeps=sweeps)
+    assert exited.value.code == 1 and not ran
+    assert message in capsys.readouterr().err.strip()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("arguments", "sweeps"),
+    [(["-m", "seed=1,2"], True), (["-m", "--cfg", "job", "seed=1,2"], False), (["seed=1"], False)],
+)
+def test_what_hydra_may_run_reaches_it(arguments, sweeps, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["generate.py", *arguments])
+    ran = []
+    run_hydra_main(lambda: ran.append(True), sweeps=sweeps)
+    assert ran == [True]

@@ -85,14 +85,21 @@ def test_temperature_sharpens_or_flattens_and_zero_is_greedy_whatever_else_is_se
     assert torch.equal(generate_tokens(model, idx, 10, temperature=0, top_k=5, top_p=0.5), greedy)
 
 
+@pytest.mark.parametrize("eot_token", [None, 256])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_logits_that_overflow_are_refused_not_sampled(temperature):
-    model, idx = tiny_model(), prompt()
-    with torch.no_grad():
-        model.token_embedding.weight.mul_(1e6)  # fits float32, overflows float16
-    generate_tokens(model, idx, 2, temperature=temperature, generator=seeded())
+@pytest.mark.parametrize("first_position", [0, 8])
+def test_logits_that_overflow_are_refused_not_sampled(first_position, temperature, eot_token):
+    model, idx = tiny_model(), prompt()  # 5 tokens: position 8 is fed in at the fifth step
+    with torch.no_grad():  # fits float32, overflows float16: at once, or only later
+        model.position_embedding.weight[first_position:].mul_(1e8)
+    options = dict(temperature=temperature, eot_token=eot_token, generator=seeded())
+    generate_tokens(model, idx, 6, **options)
+    fed = []
+    model.half().register_forward_pre_hook(lambda module, args: fed.append(args[0].size(1)))
     with pytest.raises(ValueError, match=r"not all finite \(inf or NaN\) in torch.float16: its"):
-        generate_tokens(model.half(), idx, 2, temperature=temperature, generator=seeded())
+        list(generate(model, idx, 6, **options))
+    # With end-of-text, generation waits for the device at every token anyway: it stops there.
+    assert len(fed) == (6 if eot_token is None else max(1, first_position - 3))
 
 
 def test_top_k_1_equals_greedy():

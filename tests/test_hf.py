@@ -160,6 +160,18 @@ def test_missing_or_extra_gpt2_weights_are_named():
         from_hf_state_dict(hf_state, config)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_model_goes_to_gpt2_and_back_with_or_without_biases(bias):
+    config = GPTConfig(vocab_size=100, context_length=16, n_layer=2, n_head=2, n_embd=8, bias=bias)
+    ours, back = GPT(config).eval(), GPT(config).eval()
+    # GPT-2 has biases everywhere: a model without them goes out with zeros, which come back.
+    back.load_state_dict(
+        from_hf_state_dict(to_hf_state_dict(ours.state_dict(), config), config), strict=False
+    )
+    idx = torch.randint(0, 100, (1, 10))
+    assert torch.equal(logits_of(back, idx), logits_of(ours, idx))
+
+
 def test_gpt2_weights_of_the_wrong_shape_are_named_as_gpt2_stores_them():
     hf_model = random_hf_model(SIZES[2])
     config = from_hf_config(hf_model.config.to_dict())

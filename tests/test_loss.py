@@ -2,7 +2,7 @@
 chunked linear cross-entropy against plain autograd, and the Triton kernel (run by Triton's
 interpreter on CPUs) against PyTorch."""
 
-import importlib.metadata
+import importlib
 import importlib.util
 import json
 import os
@@ -127,8 +127,10 @@ print(json.dumps(report))
 """
 
 
-def major_minor(package: str) -> tuple[int, int]:
-    major, minor = importlib.metadata.version(package).split(".")[:2]
+def major_minor(module: str) -> tuple[int, int]:
+    """The version of an installed module, whichever package installed it (torch's nightly
+    builds ship Triton as pytorch-triton)."""
+    major, minor = importlib.import_module(module).__version__.split(".")[:2]
     return int(major), int(minor)
 
 
