@@ -118,7 +118,7 @@ def _generate(
             if done:
                 return
             window = torch.cat([window, next_token[:, None]], dim=1)
-        if nonfinite:  # without end-of-text: once, at the end
+        if eot_token is None and nonfinite:  # without end-of-text: read once, at the end
             raise nonfinite_logits_error(logits.dtype)
     finally:
         model.train(was_training)

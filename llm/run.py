@@ -262,19 +262,28 @@ PROGRESS_BAR_CHECK: Check = (
 )
 
 
-def check_tensorboard_logger_keys(logger: DictConfig) -> None:
-    """Refuse a key that a TensorBoardLogger (Lightning's, or a subclass) does not take. It hands
-    such keys to its SummaryWriter, which would refuse a misspelt one only when the run first
-    logs, as a riddle ("you tried to log -1"). Other loggers are left to their own checks."""
+def tensorboard_logger_class(logger: Any) -> type | None:
+    """The class of the ``logger`` config where it is a TensorBoardLogger (Lightning's, or a
+    subclass); None for other loggers, none, or a target building it will report."""
     from lightning.pytorch.loggers import TensorBoardLogger
-    from torch.utils.tensorboard import SummaryWriter
 
+    if not isinstance(logger, DictConfig):
+        return None
     try:
         logger_class = get_class(str(logger.get("_target_")))
     except Exception:  # building the logger reports a target it cannot import
-        return
-    if not (isinstance(logger_class, type) and issubclass(logger_class, TensorBoardLogger)):
-        return
+        return None
+    is_tensorboard = isinstance(logger_class, type) and issubclass(logger_class, TensorBoardLogger)
+    return logger_class if is_tensorboard else None
+
+
+def check_tensorboard_logger_keys(logger: DictConfig, logger_class: type) -> None:
+    """Refuse a key that the TensorBoardLogger ``logger_class`` does not take. It hands such keys
+    to its SummaryWriter, which would refuse a misspelt one only when the run first logs, as a
+    riddle ("you tried to log -1")."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.tensorboard import SummaryWriter
+
     takes = {  # but log_dir, which the logger sets itself
         name
         for taker in (logger_class, TensorBoardLogger, SummaryWriter)
@@ -302,8 +311,8 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
         )
     if OmegaConf.select(cfg, "callbacks.progress_bar") is not None:  # read only in training
         check_values(cfg, [PROGRESS_BAR_CHECK])
-    if isinstance(cfg.get("logger"), DictConfig):
-        check_tensorboard_logger_keys(cfg.logger)
+    if logger_class := tensorboard_logger_class(cfg.get("logger")):  # others check their own
+        check_tensorboard_logger_keys(cfg.logger, logger_class)
     if not cfg.data.get("source"):
         raise ValueError(
             "data.source is not set: give a text file, a folder or a glob, "
@@ -640,7 +649,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     # Lightning would report a file in the way only at the first save, after training, or as
     # a riddle ("you tried to log -1"). TensorBoard needs a folder (other loggers may not), as
     # text; checkpoints have a default one.
-    if str(OmegaConf.select(cfg, "logger._target_")).endswith("TensorBoardLogger"):
+    if tensorboard_logger_class(cfg.get("logger")):
         check_values(cfg, [("logger.save_dir", (str,), bool, "a folder for the logs, as text")])
     for setting in ("logger.save_dir", "callbacks.checkpoint.dirpath"):
         if (folder := OmegaConf.select(cfg, setting)) is not None:
