@@ -131,8 +131,10 @@ def source_files(source: str, data_dir: str | Path = "data") -> list[Path]:
     if path.is_file():
         return [path]
     known = ", ".join(REMOTE_SOURCES)
+    # /dev/null or a pipe is there, but could not be read twice; Path("") is the current folder.
+    problem = "is no regular file or folder" if source and path.exists() else "not found"
     raise FileNotFoundError(
-        f"source {source!r} not found: give a text file, a folder of text files, a glob, "
+        f"source {source!r} {problem}: give a text file, a folder of text files, a glob, "
         f"or one of: {known}"
     )
 

@@ -273,6 +273,18 @@ def sigterm_raises() -> Iterator[None]:
 
 
 @contextmanager
+def ctrl_c_as_interrupt() -> Iterator[None]:
+    """Give back the KeyboardInterrupt that Lightning turns into ``SystemExit(1)`` when Ctrl-C
+    stops ``Trainer.fit``, so that it ends as any other Ctrl-C does (``one_line_errors``)."""
+    try:
+        yield
+    except SystemExit as error:
+        if isinstance(error.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+
+
+@contextmanager
 def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
     """Turn expected errors (bad input, a config Hydra or a class refuses, running out of
     memory) into ``error: <one line>`` and exit code 1, a closed stdout into a quiet exit, and

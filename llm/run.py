@@ -61,7 +61,7 @@ from llm.checks import (
     positive,
 )
 from llm.data import check_output_folder, check_source
-from llm.errors import Terminated, one_line_errors, quoting_fix
+from llm.errors import Terminated, ctrl_c_as_interrupt, one_line_errors, quoting_fix
 from llm.files import check_folder
 from llm.hardware import has_fast_bf16
 from llm.model import GPT, PRESETS, GPTConfig
@@ -866,7 +866,7 @@ def train(cfg: DictConfig) -> GracefulStop | None:
             trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
         try:
-            with sweep_job_launches_its_own_ranks():
+            with sweep_job_launches_its_own_ranks(), ctrl_c_as_interrupt():
                 trainer.fit(
                     module,
                     datamodule=datamodule,
@@ -876,12 +876,10 @@ def train(cfg: DictConfig) -> GracefulStop | None:
         except SIGTERMException:  # Lightning's: a SIGTERM GracefulStop did not take
             if stop is None or stop.checkpoint_path is None:
                 raise Terminated from None
-        except SystemExit as error:
+        except KeyboardInterrupt:
             # A Ctrl-C that GracefulStop does not take (during data preparation, or a second
-            # one) Lightning turns into exit code 1. Once GracefulStop has saved, it is that
-            # stop; before, a KeyboardInterrupt, which exits as any Ctrl-C does (130).
-            if not isinstance(error.__context__, KeyboardInterrupt):
-                raise
+            # one). Once GracefulStop has saved, it is that stop; before, it exits as any
+            # Ctrl-C does (130).
             if stop is None or stop.checkpoint_path is None:
-                raise KeyboardInterrupt from None
+                raise
     return stop

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -122,23 +121,29 @@ def time_forward_backward(
     return statistics.median(times)
 
 
+# Sizes: batch, tokens, model width and heads, by default and as GPT-2 small (--gpt2).
+SMALL_SIZES = {"batch": 4, "tokens": 256, "dim": 256, "heads": 8}
+GPT2_SIZES = {"batch": 8, "tokens": 1024, "dim": 768, "heads": 12}
+
+
 def main() -> None:
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=at_least(1), default=4)
-    parser.add_argument("--tokens", type=at_least(1), default=256)
-    parser.add_argument("--dim", type=at_least(1), default=256)
-    parser.add_argument("--heads", type=at_least(1), default=8)
+    for size, small in SMALL_SIZES.items():
+        parser.add_argument(
+            f"--{size}", type=at_least(1), help=f"default {small}, {GPT2_SIZES[size]} with --gpt2"
+        )
     parser.add_argument(
-        "--gpt2", action="store_true", help="B=8, d=768, 12 heads, and T=1024 unless --tokens"
+        "--gpt2", action="store_true", help="GPT-2 small's sizes, for those not given"
     )
     parser.add_argument("--window", type=int, help="compare sliding-window kernels instead")
     parser.add_argument("--repeats", type=at_least(1), default=5)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args()
-    if args.gpt2:
-        tokens_given = any(arg.startswith("--tokens") for arg in sys.argv[1:])
-        args.batch, args.dim, args.heads = 8, 768, 12
-        args.tokens = args.tokens if tokens_given else 1024
+    for size, default in (GPT2_SIZES if args.gpt2 else SMALL_SIZES).items():
+        if getattr(args, size) is None:
+            setattr(args, size, default)
+    if args.dim % args.heads:
+        parser.error(f"--dim ({args.dim}) must be divisible by --heads ({args.heads})")
     if args.window is not None and not 0 < args.window < args.tokens:
         parser.error(f"--window must be between 1 and --tokens - 1, got {args.window}")
 

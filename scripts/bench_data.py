@@ -15,10 +15,10 @@ import multiprocessing
 import os
 import resource
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -87,8 +87,15 @@ def prepare_run(
 
 def in_fresh_process(fn: Callable[..., T], *args: object) -> T:
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(fn, *args).result()
+    # The measuring process starts with Ctrl-C ignored (it keeps what it inherits), so that it
+    # prints no traceback of its own; at Ctrl-C the main process ends it and says "interrupted".
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = context.Pool(1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with pool:  # terminates the process on the way out
+        return pool.apply(fn, args)
 
 
 def write_synthetic(source: Path, dest: Path, megabytes: int) -> None:
@@ -121,6 +128,8 @@ def main() -> None:
             f"--text {args.text} is not UTF-8 ({err.reason} at byte {err.start}); give a UTF-8 "
             "text file"
         ) from None
+    if "\0" in text:  # refused by prepare(), after the table's header
+        raise ValueError(f"--text {args.text} holds NUL bytes; give a text file")
     if not text.strip():  # the synthetic corpus repeats its lines
         raise ValueError(f"--text {args.text} holds no text; give a text file")
     load_ranks(str(args.ranks))  # a bad ranks file fails now, not after the table's header

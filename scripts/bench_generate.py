@@ -16,7 +16,10 @@ a markdown table.
 124M model with ``n_kv_head`` in {12, 3, 1} (grouped-query attention), decoding after a long
 prompt so that the cache matters; and a sliding window against full attention at a long
 context (a 4096-token RoPE model): prefill time (SDPA band mask, and compiled FlexAttention,
-which skips the blocks outside the band) and decode speed and cache memory.
+which skips the blocks outside the band) and decode speed and cache memory. They decode at most
+64 new tokens, so that the long prompt and the tokens after it fit the 124M model's context.
+
+The transformers rows need the dev extra (``pip install -e ".[dev]"``); ``--modern`` does not.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import Tensor
 from llm.attention import SlidingWindowAttention
 from llm.checkpoint import save_hf
 from llm.checks import ArgumentParser, at_least
-from llm.errors import one_line_errors
+from llm.errors import fail, one_line_errors
 from llm.generate import generate_tokens
 from llm.model import GPT, GPTConfig
 
@@ -63,7 +66,11 @@ def main() -> None:
         type=at_least(1),
         help="torch threads (default: torch's); 1 is steadier on a busy CPU",
     )
-    parser.add_argument("--modern", action="store_true", help="the modern attention tables")
+    parser.add_argument(
+        "--modern",
+        action="store_true",
+        help="the modern attention tables instead (at most 64 new tokens)",
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -71,7 +78,10 @@ def main() -> None:
         modern_attention_tables(args.new_tokens)
         return
 
-    import transformers  # the dev extra; imported here so --help works without it
+    try:  # the dev extra; imported here so --help and --modern work without it
+        import transformers
+    except ImportError:
+        fail('the transformers rows need transformers: pip install -e ".[dev]" (or run --modern)')
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("gpt2")).eval()

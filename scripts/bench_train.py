@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from llm.callbacks import TokenThroughputMonitor
 from llm.checks import ArgumentParser, at_least
-from llm.errors import one_line_errors
+from llm.errors import ctrl_c_as_interrupt, one_line_errors
 from llm.hardware import device_from_name, peak_flops
 from llm.model import GPT, GPTConfig
 from llm.run import quiet_lightning
@@ -252,7 +252,8 @@ def lightning_loop(
         limit_val_batches=0,
         callbacks=[ClockCallback(clock), *([monitor] if monitor else [])],
     )
-    trainer.fit(module, train_dataloaders=loader)
+    with ctrl_c_as_interrupt():
+        trainer.fit(module, train_dataloaders=loader)
     return clock.seconds_per_step()
 
 

@@ -30,7 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding name, or bytes")
     parser.add_argument("--tokenizer-path", help="local tiktoken ranks file, e.g. gpt2.tiktoken")
     parser.add_argument("--val-fraction", type=fraction, default=0.1, help="default: 0.1")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not any(arg.startswith("-") for arg in extra):  # a glob the shell expanded
+        parser.error(
+            f'one source at a time, got {len(extra) + 1}: quote a glob ("books/*.txt") to leave '
+            "it to this script, or give their folder"
+        )
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     # Every output is written to a temporary file first, and those are gone after a Ctrl-C.

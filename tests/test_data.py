@@ -216,6 +216,9 @@ def test_missing_file_or_folder(tmp_path: Path, bytes_tok: Tokenizer) -> None:
         prepare(str(tmp_path / "missing.txt"), bytes_tok, tmp_path / "data")
     with pytest.raises(FileNotFoundError, match="not found"):
         prepare(str(tmp_path / "missing_folder/"), bytes_tok, tmp_path / "data")
+    # A file that is there, but no regular file: said so, not "not found".
+    with pytest.raises(FileNotFoundError, match="'/dev/null' is no regular file or folder"):
+        prepare("/dev/null", bytes_tok, tmp_path / "data")
 
 
 def test_an_empty_source_is_not_the_current_folder(

@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from llm.errors import one_line_errors, run_hydra_main, sentence
+from llm.errors import ctrl_c_as_interrupt, one_line_errors, run_hydra_main, sentence
 
 
 def test_running_out_of_memory_is_one_line_and_other_runtime_errors_are_bugs(capsys):
@@ -30,6 +30,22 @@ def test_running_out_of_memory_is_one_line_and_other_runtime_errors_are_bugs(cap
         "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); try a smaller "
         "batch, context or model\n"
     )
+
+
+def test_a_ctrl_c_that_lightning_made_an_exit_code_ends_as_any_ctrl_c(capsys):
+    def lightning_at_ctrl_c() -> None:  # what Trainer.fit does with a KeyboardInterrupt
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)
+
+    with pytest.raises(SystemExit) as stopped, one_line_errors(), ctrl_c_as_interrupt():
+        lightning_at_ctrl_c()
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    with pytest.raises(SystemExit) as stopped, ctrl_c_as_interrupt():  # any other exit passes
+        sys.exit(3)
+    assert stopped.value.code == 3
 
 
 def test_a_setting_lightning_refuses_once_the_run_has_begun_is_one_line(capsys):

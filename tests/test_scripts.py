@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (script, arguments, what its one line of error says)
 CASES = [
     ("bench_train.py", ["--preset", "gpt5"], "Unknown model preset 'gpt5'"),
-    ("bench_attention.py", ["--heads", "5"], "must be divisible by num_heads (5)"),
+    ("bench_attention.py", ["--heads", "5"], "--dim (256) must be divisible by --heads (5)"),
     ("bench_data.py", ["--text", "missing.txt"], "missing.txt"),
     (
         "bench_data.py",
@@ -39,6 +39,11 @@ CASES = [
     ),
     ("plot_run.py", ["missing-run", "--png", ""], "--png: an empty path is no folder"),
     ("prepare_data.py", ["missing.txt", "--tokenizer", "bytes"], "not found"),
+    (  # a glob the shell expanded
+        "prepare_data.py",
+        ["a.txt", "b.txt", "--tokenizer", "bytes"],
+        'one source at a time, got 2: quote a glob ("books/*.txt")',
+    ),
     ("generate.py", ["checkpoint=missing.ckpt", "prompt=Hi"], "model file missing.ckpt"),
     ("generate.py", ["temperatur=0", "prompt=Hi"], "Key 'temperatur' is not in struct"),
     ("generate.py", ["-m", "prompt=Hi", "seed=1,2"], "runs no sweeps (--multirun would write"),
@@ -126,3 +131,33 @@ def test_generate_reads_a_prompt_file_that_is_a_pipe(tmp_path):
     assert not writer.is_alive()
     with pytest.raises(FileNotFoundError, match="not found, or a folder"):
         read_prompt(from_folder)
+
+
+def test_bench_scripts_check_their_input_before_printing(tmp_path, monkeypatch, capsys):
+    text = tmp_path / "nul.txt"  # UTF-8, but prepare() refuses NUL bytes
+    text.write_bytes(b"hello\x00world\n")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_data.py"), "--text", str(text)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"error: --text {text} holds NUL bytes; give a text file\n"
+
+    # Without the dev extra's transformers, the comparison with it says what to install.
+    bench_generate = runpy.run_path(str(ROOT / "scripts" / "bench_generate.py"))["main"]
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails
+    monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--new-tokens", "1"])
+    with pytest.raises(SystemExit) as stopped:
+        bench_generate()
+    assert stopped.value.code == 1
+    assert 'pip install -e ".[dev]"' in capsys.readouterr().err
+
+
+def test_bench_attention_keeps_the_sizes_given_beside_gpt2(monkeypatch, capsys):
+    bench_attention = runpy.run_path(str(ROOT / "scripts" / "bench_attention.py"))["main"]
+    arguments = ["--gpt2", "--batch", "1", "--tok", "8", "--dim", "24", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", *arguments, "--device", "cpu"])
+    bench_attention()
+    assert "B=1 T=8 d=24 heads=12," in capsys.readouterr().out  # the heads from --gpt2
