@@ -16,9 +16,11 @@ import os
 import resource
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -86,16 +88,46 @@ def prepare_run(
 
 
 def in_fresh_process(fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` in a freshly started Python, so that its imports and memory are its own."""
     context = multiprocessing.get_context("spawn")
-    # The measuring process starts with Ctrl-C ignored (it keeps what it inherits), so that it
-    # prints no traceback of its own; at Ctrl-C the main process ends it and says "interrupted".
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=send_result, args=(sender, fn, *args))
+    # The process starts with Ctrl-C ignored (it keeps what it inherits), so that it prints no
+    # traceback of its own; at Ctrl-C this process ends it and says "interrupted".
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        pool = context.Pool(1)
+        process.start()
     finally:
         signal.signal(signal.SIGINT, previous)
-    with pool:  # terminates the process on the way out
-        return pool.apply(fn, args)
+    sender.close()  # so that the pipe ends when the process does
+    try:
+        succeeded, value = receiver.recv()
+    except EOFError:
+        process.join()  # for its exit code: -N where signal N killed it
+        raise ChildProcessError(
+            f"the measuring process died (exit code {process.exitcode}): killed, or out of "
+            "memory? try a smaller --synthetic-mb"
+        ) from None
+    except BaseException:  # Ctrl-C or SIGTERM
+        process.terminate()
+        raise
+    finally:
+        process.join()
+    if not succeeded:
+        raise value
+    return value
+
+
+def send_result(sender: Connection, fn: Callable[..., T], *args: object) -> None:
+    """Run ``fn(*args)`` and send back (True, its result) or (False, the exception it raised)."""
+    # Ended by the main process, exit as Python does: what multiprocessing made here (tqdm's
+    # lock, a named semaphore) is then removed, not reported as leaked.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        result = (True, fn(*args))
+    except Exception as error:
+        result = (False, error)
+    sender.send(result)
 
 
 def write_synthetic(source: Path, dest: Path, megabytes: int) -> None:

@@ -80,7 +80,9 @@ def main() -> None:
 
     try:  # the dev extra; imported here so --help and --modern work without it
         import transformers
-    except ImportError:
+    except ModuleNotFoundError as error:
+        if error.name != "transformers":  # installed, but broken: its own error says why
+            raise
         fail('the transformers rows need transformers: pip install -e ".[dev]" (or run --modern)')
 
     torch.manual_seed(0)

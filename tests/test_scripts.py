@@ -134,10 +134,12 @@ def test_generate_reads_a_prompt_file_that_is_a_pipe(tmp_path):
 
 
 def test_bench_scripts_check_their_input_before_printing(tmp_path, monkeypatch, capsys):
-    text = tmp_path / "nul.txt"  # UTF-8, but prepare() refuses NUL bytes
+    text = tmp_path / "nul.txt"  # UTF-8, but prepare() refuses NUL bytes; any file for --ranks,
+    # which is read after the text is checked
+    bench_data = ROOT / "scripts" / "bench_data.py"
     text.write_bytes(b"hello\x00world\n")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_data.py"), "--text", str(text)],
+        [sys.executable, str(bench_data), "--text", str(text), "--ranks", str(text)],
         capture_output=True,
         text=True,
         timeout=120,
