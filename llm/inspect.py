@@ -36,7 +36,7 @@ from llm.attention import (
     copy_wrapper_into_fused,
     simple_self_attention,
 )
-from llm.files import atomic_path, check_folder
+from llm.files import atomic_path, check_folder, made_folder
 from llm.generate import encode_prompt
 from llm.model import GPT
 from llm.tokenizer import Tokenizer
@@ -216,9 +216,17 @@ def save_figures(
         # Drawn before the event file is made, so that an error or Ctrl-C while drawing (seconds,
         # for a large model's figures) leaves no event file without the figures in it.
         images = {name: _drawn(figure) for name, figure in figures.items()}
-        with SummaryWriter(str(tensorboard_dir)) as writer:
-            for name, image in images.items():
-                writer.add_image(f"attention/{name}", image, dataformats="HWC")
+        folder = Path(tensorboard_dir)
+        with made_folder(folder):
+            before = set(folder.glob("events.out.tfevents.*"))
+            try:
+                with SummaryWriter(str(folder)) as writer:
+                    for name, image in images.items():
+                        writer.add_image(f"attention/{name}", image, dataformats="HWC")
+            except BaseException:  # and while writing, its event file goes, the folder too
+                for event_file in set(folder.glob("events.out.tfevents.*")) - before:
+                    event_file.unlink()
+                raise
     return paths
 
 

@@ -161,6 +161,26 @@ def test_figures_interrupted_while_drawn_leave_no_event_file(tmp_path, monkeypat
     assert not (tmp_path / "tb").exists()
 
 
+def test_figures_interrupted_while_written_leave_no_event_file(tmp_path, monkeypatch):
+    figures = {"a": ladder_figure(TOY_INPUTS, TOY_TOKENS), "b": Figure()}
+    earlier = tmp_path / "tb" / "events.out.tfevents.earlier"  # another writer's: it stays
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"")
+    add_image = SummaryWriter.add_image
+
+    def interrupted_at_b(writer: SummaryWriter, tag: str, *args, **kwargs) -> None:
+        if tag == "attention/b":
+            raise KeyboardInterrupt
+        add_image(writer, tag, *args, **kwargs)
+
+    monkeypatch.setattr(SummaryWriter, "add_image", interrupted_at_b)
+    for folder in (tmp_path / "tb", tmp_path / "new" / "tb"):
+        with pytest.raises(KeyboardInterrupt):
+            save_figures(figures, tensorboard_dir=folder)
+    assert list((tmp_path / "tb").iterdir()) == [earlier]
+    assert not (tmp_path / "new").exists()  # the folders it made, gone again
+
+
 def run_attention_script(monkeypatch, *args: str) -> None:
     monkeypatch.setattr(sys, "argv", ["attention.py", *args])
     runpy.run_path(str(ROOT / "scripts" / "attention.py"), run_name="__main__")
