@@ -223,7 +223,7 @@ def save_figures(
                 with SummaryWriter(str(folder)) as writer:
                     for name, image in images.items():
                         writer.add_image(f"attention/{name}", image, dataformats="HWC")
-            except BaseException:  # and while writing, its event file goes, the folder too
+            except BaseException:  # while writing: no event file short of figures is left
                 for event_file in set(folder.glob("events.out.tfevents.*")) - before:
                     event_file.unlink()
                 raise
