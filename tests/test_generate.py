@@ -21,6 +21,7 @@ from llm.generate import (
     keep_top_p,
     sample_next_token,
 )
+from llm.hardware import device_from_name
 from llm.model import GPT, GPTConfig
 from llm.tokenizer import load_tokenizer
 
@@ -338,8 +339,10 @@ def test_generate_script_streams_the_generated_text_and_writes_no_files(tmp_path
     assert result.returncode == 0, result.stderr
     expected = generate_text(model, load_tokenizer("bytes"), "Hello", 30, temperature=0)
     assert result.stdout == f"Hello{expected}\n"
-    # The first token (the prompt's forward pass, the warm-up) is timed apart from the rest.
-    speed = r"30 tokens in [\d.]+ s: the first after [\d.]+ s, then [\d.]+ tokens/s \(cpu, "
+    # The first token (the prompt's forward pass, the warm-up) is timed apart from the rest, on
+    # the device that device=auto picks.
+    device = device_from_name("auto").type
+    speed = rf"30 tokens in [\d.]+ s: the first after [\d.]+ s, then [\d.]+ tokens/s \({device}, "
     last_line = result.stderr.splitlines()[-1]
     assert re.fullmatch(speed + r"torch.float32, cache on\)", last_line), result.stderr
     assert sorted(os.listdir(tmp_path)) == ["model.ckpt"]  # no outputs/ or .hydra/
