@@ -29,14 +29,33 @@ def config_differences(
     saved: Mapping[str, Any], current: Mapping[str, Any]
 ) -> dict[str, tuple[Any, Any]]:
     """The ``GPTConfig`` fields in which a saved model (``saved``) differs from the one being
-    trained (``current``): ``{field: (saved value, current value)}``."""
+    trained (``current``): ``{field: (saved value, current value)}``. Two spellings of the same
+    model do not differ (see ``_as_built``)."""
     # Fields added to GPTConfig later are missing from older checkpoints: their defaults.
     defaults = {field.name: field.default for field in fields(GPTConfig)}
     saved, current = {**defaults, **saved}, {**defaults, **current}
+    saved_built, current_built = _as_built(saved), _as_built(current)
+    # RoPE's frequency base counts only where both use RoPE (else pos_embedding differs, or
+    # neither model has rotary positions).
+    both_rope = saved["pos_embedding"] == current["pos_embedding"] == "rope"
     return {
         key: (saved.get(key), current.get(key))
         for key in sorted(set(saved) | set(current))
-        if saved.get(key) != current.get(key)
+        if saved_built.get(key) != current_built.get(key) and (key != "rope_theta" or both_rope)
+    }
+
+
+def _as_built(config: dict[str, Any]) -> dict[str, Any]:
+    """A whole config's fields, with two settings in one spelling each of what they build:
+    ``n_kv_head`` equal to ``n_head`` is None, and a list of one window for every layer is that
+    window."""
+    window = config["sliding_window"]
+    if isinstance(window, list | tuple):
+        window = window[0] if len(set(window)) == 1 else list(window)
+    return {
+        **config,
+        "n_kv_head": None if config["n_kv_head"] == config["n_head"] else config["n_kv_head"],
+        "sliding_window": window,
     }
 
 

@@ -72,7 +72,12 @@ from llm.run import (
     validate,
 )
 from llm.tokenizer import load_tokenizer
-from llm.training import GPTLightningModule, NonFiniteLossError, warmup_cosine
+from llm.training import (
+    GPTLightningModule,
+    NonFiniteLossError,
+    config_differences,
+    warmup_cosine,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -983,6 +988,31 @@ def test_init_from_weights_that_do_not_fit_the_run_fail_before_any_work(
         )
     )
     assert module.model.config.context_length == 64
+    # Another spelling of the same model: n_kv_head as many as n_head, one window per layer.
+    validate(run_with("init_from=tiny.safetensors", "model.n_kv_head=2"))
+    validate(run_with("init_from=windowed.safetensors", "model.sliding_window=[8,null]"))
+
+
+def test_two_spellings_of_one_model_are_the_same_model():
+    """What a resume or init_from compares: the model each config builds, not its spelling."""
+    base = GPTConfig(n_layer=2, n_head=4, n_embd=32).to_dict()
+    windowed = {**base, "sliding_window": 8}
+    rope = {**base, "pos_embedding": "rope"}
+    for saved, current in (
+        (base, {**base, "n_kv_head": 4}),  # None: as many key/value heads as query heads
+        (base, {**base, "sliding_window": [None, None]}),
+        (base, {**base, "rope_theta": 500.0}),  # no RoPE, so no RoPE frequencies
+        (windowed, {**base, "sliding_window": [8, 8]}),
+        (windowed, {**base, "sliding_window": (8, 8)}),
+    ):
+        assert config_differences(saved, current) == {}
+    for saved, current, differences in (
+        (base, {**base, "n_kv_head": 2}, {"n_kv_head": (None, 2)}),
+        (windowed, {**base, "sliding_window": [8, None]}, {"sliding_window": (8, [8, None])}),
+        (rope, {**rope, "rope_theta": 500.0}, {"rope_theta": (10000.0, 500.0)}),
+        (base, {**base, "n_layer": 3}, {"n_layer": (2, 3)}),
+    ):
+        assert config_differences(saved, current) == differences
 
 
 @pytest.mark.slow
