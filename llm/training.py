@@ -30,25 +30,41 @@ def config_differences(
 ) -> dict[str, tuple[Any, Any]]:
     """The ``GPTConfig`` fields in which a saved model (``saved``) differs from the one being
     trained (``current``): ``{field: (saved value, current value)}``. Two spellings of the same
-    model do not differ (see ``_as_built``)."""
+    model do not differ (see ``_as_built``); where the field a setting's meaning rests on
+    differs too, the setting's own values are given, so that taking every saved value back
+    gives the saved model."""
     # Fields added to GPTConfig later are missing from older checkpoints: their defaults.
     defaults = {field.name: field.default for field in fields(GPTConfig)}
     saved, current = {**defaults, **saved}, {**defaults, **current}
     saved_built, current_built = _as_built(saved), _as_built(current)
-    # RoPE's frequency base counts only where both use RoPE (else pos_embedding differs, or
-    # neither model has rotary positions).
-    both_rope = saved["pos_embedding"] == current["pos_embedding"] == "rope"
+
+    def differs(key: str) -> bool:
+        if saved.get(key) == current.get(key):
+            return False
+        rests_on = _MEANING_RESTS_ON.get(key)
+        return saved_built.get(key) != current_built.get(key) or (
+            rests_on is not None and saved[rests_on] != current[rests_on]
+        )
+
     return {
         key: (saved.get(key), current.get(key))
         for key in sorted(set(saved) | set(current))
-        if saved_built.get(key) != current_built.get(key) and (key != "rope_theta" or both_rope)
+        if differs(key)
     }
 
 
+# The settings whose meaning rests on another field (see _as_built).
+_MEANING_RESTS_ON = {
+    "n_kv_head": "n_head",
+    "sliding_window": "n_layer",
+    "rope_theta": "pos_embedding",
+}
+
+
 def _as_built(config: dict[str, Any]) -> dict[str, Any]:
-    """A whole config's fields, with two settings in one spelling each of what they build:
-    ``n_kv_head`` equal to ``n_head`` is None, and a list of one window for every layer is that
-    window."""
+    """A whole config's fields, with three settings in one spelling each of what they build:
+    ``n_kv_head`` equal to ``n_head`` is None, a list of one window for every layer is that
+    window, and ``rope_theta`` is None without RoPE."""
     window = config["sliding_window"]
     if isinstance(window, list | tuple):
         window = window[0] if len(set(window)) == 1 else list(window)
@@ -56,6 +72,7 @@ def _as_built(config: dict[str, Any]) -> dict[str, Any]:
         **config,
         "n_kv_head": None if config["n_kv_head"] == config["n_head"] else config["n_kv_head"],
         "sliding_window": window,
+        "rope_theta": config["rope_theta"] if config["pos_embedding"] == "rope" else None,
     }
 
 

@@ -1011,6 +1011,25 @@ def test_two_spellings_of_one_model_are_the_same_model():
         (windowed, {**base, "sliding_window": [8, None]}, {"sliding_window": (8, [8, None])}),
         (rope, {**rope, "rope_theta": 500.0}, {"rope_theta": (10000.0, 500.0)}),
         (base, {**base, "n_layer": 3}, {"n_layer": (2, 3)}),
+        # Where the field a setting rests on differs too, the setting's own values are given:
+        # taking every saved value back gives the saved model.
+        (
+            {**rope, "rope_theta": 500.0},
+            base,
+            {"pos_embedding": ("rope", "learned"), "rope_theta": (500.0, 10000.0)},
+        ),
+        (
+            base,
+            {**base, "n_head": 2, "n_kv_head": 2},
+            {"n_head": (4, 2), "n_kv_head": (None, 2)},
+        ),
+        (
+            windowed,
+            {**base, "n_layer": 3, "sliding_window": [8, 8, 8]},
+            {"n_layer": (2, 3), "sliding_window": (8, [8, 8, 8])},
+        ),
+        # and a setting with the same value on both sides is not named.
+        ({**base, "n_kv_head": 4}, {**base, "n_head": 8, "n_kv_head": 4}, {"n_head": (4, 8)}),
     ):
         assert config_differences(saved, current) == differences
 
