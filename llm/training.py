@@ -25,6 +25,14 @@ LOGGED_METRICS = ("val/loss", "val/perplexity", "hp_metric", "train/loss", "trai
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+# The settings whose meaning rests on another field (see _as_built).
+_MEANING_RESTS_ON = {
+    "n_kv_head": "n_head",
+    "sliding_window": "n_layer",
+    "rope_theta": "pos_embedding",
+}
+
+
 def config_differences(
     saved: Mapping[str, Any], current: Mapping[str, Any]
 ) -> dict[str, tuple[Any, Any]]:
@@ -51,14 +59,6 @@ def config_differences(
         for key in sorted(set(saved) | set(current))
         if differs(key)
     }
-
-
-# The settings whose meaning rests on another field (see _as_built).
-_MEANING_RESTS_ON = {
-    "n_kv_head": "n_head",
-    "sliding_window": "n_layer",
-    "rope_theta": "pos_embedding",
-}
 
 
 def _as_built(config: dict[str, Any]) -> dict[str, Any]:
